@@ -1,0 +1,1 @@
+"""The agent side: what every host runs (runtime drivers, reconciler, service proxy)."""

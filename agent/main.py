@@ -1,0 +1,264 @@
+"""Start an agent: the process behind `shoal agent`.
+
+A server agent (`--dev` or `--server`) hosts the state store, the control loop and the
+gRPC API (`Control`, `Agent`, health, reflection) on its gRPC port. Every agent, servers
+included, runs the agent side: it opens the watch stream to a server (itself, over real
+gRPC, when it is one), runs what it is assigned and proxies service ports.
+
+Everything the process holds hangs off one `AgentProcess`, built from one `AgentConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import psutil
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import shoal
+from shoal.agent.agent import AgentIdentity, AgentShell
+from shoal.agent.proxy import ProxyConfig, ServiceProxy
+from shoal.agent.reconciler import Reconciler
+from shoal.agent.runtime.base import Runtime
+from shoal.agent.runtime.process import ProcessRuntime
+from shoal.errors import ConfigError, NotFound, ShoalError
+from shoal.leader.api import ControlService
+from shoal.leader.controller import Controller
+from shoal.leader.dispatcher import AgentService
+from shoal.leader.leader import ControlLoop
+from shoal.leader.records import ReplicaRecord
+from shoal.leader.scheduler import Scheduler, SchedulerConfig
+from shoal.leader.store import SqliteStore
+from shoal.model import Driver, Resources
+from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+
+__all__ = ["AgentConfig", "AgentProcess", "default_data_dir", "run"]
+
+DEFAULT_GRPC_PORT = 7420
+
+
+def default_data_dir(dev: bool) -> pathlib.Path:
+    """Per-user: $XDG_DATA_HOME/shoal (dev: .../shoal/dev), so a dev agent keeps its state."""
+    base = pathlib.Path(os.environ.get("XDG_DATA_HOME") or pathlib.Path.home() / ".local" / "share") / "shoal"
+    return base / "dev" if dev else base
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """What `shoal agent` was asked to do. Ports are TCP; addresses are IPs or names."""
+
+    dev: bool = False
+    server: bool = False
+    bind: str = "127.0.0.1"
+    advertise: str = ""  # defaults to bind (or 127.0.0.1 when bind is 0.0.0.0)
+    grpc_port: int = DEFAULT_GRPC_PORT
+    join: tuple[str, ...] = ()  # servers to reach (client agents)
+    data_dir: pathlib.Path | None = None
+    node_name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    proxy_bind: str = ""  # defaults to bind
+    drivers: tuple[str, ...] = ("docker", "process")
+    seed: int | None = None  # fixes replica names and tie-breaks (tests)
+    # Held back from scheduling so the host, the agent and its runtime keep room.
+    reserve: Resources = field(default_factory=lambda: Resources(cpu_millis=100, memory_bytes=256 * 1024 * 1024))
+
+    def validate(self) -> None:
+        if not (self.dev or self.server or self.join):
+            raise ConfigError("an agent needs --dev, --server, or --join SERVER to find a server")
+        if not 0 < self.grpc_port < 65536:
+            raise ConfigError(f"--grpc-port must be between 1 and 65535, got {self.grpc_port}")
+        for d in self.drivers:
+            if d not in ("docker", "process"):
+                raise ConfigError(f'unknown driver "{d}"; use docker or process')
+
+    @property
+    def is_server(self) -> bool:
+        return self.dev or self.server
+
+    @property
+    def advertise_address(self) -> str:
+        if self.advertise:
+            return self.advertise
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "") else self.bind
+
+    def resolved_data_dir(self) -> pathlib.Path:
+        return self.data_dir or default_data_dir(self.dev)
+
+
+def _capacity(reserve: Resources) -> Resources:
+    cpu = (psutil.cpu_count() or 1) * 1000
+    mem = psutil.virtual_memory().total
+    return Resources(
+        cpu_millis=max(0, cpu - (reserve.cpu_millis or 0)),
+        memory_bytes=max(0, mem - (reserve.memory_bytes or 0)),
+    )
+
+
+class AgentProcess:
+    """Everything one agent process runs, started and stopped together."""
+
+    def __init__(self, config: AgentConfig, logger: Any = None) -> None:
+        config.validate()
+        self.config = config
+        self.log = logger or structlog.get_logger("shoal")
+        self.data_dir = config.resolved_data_dir()
+        self.node_name = config.node_name or socket.gethostname()
+        self.rng = random.Random(config.seed)
+        self.server: grpc.aio.Server | None = None
+        self.store: SqliteStore | None = None
+        self.shell: AgentShell | None = None
+        self.runtimes: dict[Driver, Runtime] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.ready = asyncio.Event()
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.advertise_address}:{self.config.grpc_port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        if cfg.is_server:
+            await self._start_server()
+        await self._start_agent()
+        self.ready.set()
+        self.log.info(
+            "agent.ready",
+            node=self.node_name,
+            grpc=f"{cfg.bind}:{cfg.grpc_port}" if cfg.is_server else "",
+            server=cfg.is_server,
+            data_dir=str(self.data_dir),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _start_server(self) -> None:
+        cfg = self.config
+        self.store = SqliteStore(self.data_dir / "state.db")
+        controller = Controller(Scheduler(SchedulerConfig(), random.Random(self.rng.random())), random.Random(self.rng.random()))
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ControlService(self.store, controller, log_source=self._logs), server
+        )
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.store, controller), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (
+            control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+            agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        address = f"{cfg.bind}:{cfg.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+        await server.start()
+        self.server = server
+        for name in ("", *names[:2]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        loop = ControlLoop(self.store, controller)
+        self._tasks.append(asyncio.create_task(loop.run(), name="control-loop"))
+
+    def _make_runtimes(self) -> dict[Driver, Runtime]:
+        runtimes: dict[Driver, Runtime] = {}
+        if "process" in self.config.drivers:
+            runtimes[Driver.PROCESS] = ProcessRuntime(self.node_name, self.data_dir / "processes")
+        if "docker" in self.config.drivers:
+            try:
+                from shoal.agent.runtime.docker import DockerRuntime
+
+                runtimes[Driver.DOCKER] = DockerRuntime(self.node_name)
+            except ShoalError as exc:
+                self.log.warning("agent.docker_unavailable", error=str(exc))
+        return runtimes
+
+    async def _start_agent(self) -> None:
+        cfg = self.config
+        self.runtimes = self._make_runtimes()
+        reconciler = Reconciler(self.runtimes)
+        shell_ref: list[AgentShell] = []
+
+        def on_event(type_: str, reason: str, obj: str, message: str) -> None:
+            if shell_ref:
+                shell_ref[0].record_event(type_, reason, obj, message)
+
+        proxy = ServiceProxy(ProxyConfig(bind_host=cfg.proxy_bind or cfg.bind), rng=random.Random(self.rng.random()), on_event=on_event)
+        identity = AgentIdentity(
+            node=self.node_name,
+            address=cfg.advertise_address,
+            role="server" if cfg.is_server else "client",
+            capacity=_capacity(cfg.reserve),
+            labels=cfg.labels,
+            version=shoal.__version__,
+        )
+        leader = self.grpc_target if cfg.is_server else cfg.join[0]
+        if ":" not in leader:
+            leader = f"{leader}:{DEFAULT_GRPC_PORT}"
+        self.shell = AgentShell(identity, leader, reconciler, proxy)
+        shell_ref.append(self.shell)
+        self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
+
+    async def _logs(self, replica: ReplicaRecord, follow: bool, tail: int) -> Any:
+        if replica.node != self.node_name:
+            raise NotFound("pod on this server", replica.id)
+        for runtime in self.runtimes.values():
+            if any(o.replica_id == replica.id for o in await runtime.list()):
+                async for chunk in runtime.logs(replica.id, follow=follow, tail=tail or None):
+                    yield chunk
+                return
+        raise NotFound("pod", replica.id)
+
+    async def stop(self) -> None:
+        """Stop serving. Replicas keep running; a restarted agent adopts them."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.shell is not None:
+            await self.shell.proxy.close()
+        for runtime in self.runtimes.values():
+            with contextlib.suppress(Exception):
+                await runtime.close()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.store is not None:
+            await self.store.close()
+        self.log.info("agent.stopped", node=self.node_name)
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks)
+
+
+async def run(config: AgentConfig) -> None:
+    """Run an agent until SIGINT or SIGTERM."""
+    proc = AgentProcess(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await proc.start()
+    waiter = asyncio.create_task(proc.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter.done() and waiter.exception():
+        await proc.stop()
+        raise waiter.exception()  # type: ignore[misc]
+    await proc.stop()

@@ -1,0 +1,400 @@
+"""The `shoal` command: run an agent, and drive a cluster with kubectl habits.
+
+Every client command talks to `--addr` (or `$SHOAL_ADDR`, default 127.0.0.1:7420) over
+the `shoal.v1.Control` API. Errors are one sentence on stderr and exit code 1; a
+traceback means a bug in shoal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+
+import shoal
+from shoal.client import Client, default_addr
+from shoal.errors import ConfigError, ManifestError, ShoalError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="shoal",
+    help="shoal: a self-contained container orchestrator.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+Addr = Annotated[str, typer.Option("--addr", envvar="SHOAL_ADDR", help="Server to talk to (host:port).")]
+Output = Annotated[str, typer.Option("--output", "-o", help="table (default), wide, yaml or json.")]
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(1)
+
+
+def _client(addr: str) -> Client:
+    return Client(addr or default_addr())
+
+
+def _age(ts: float, now: float | None = None) -> str:
+    if not ts:
+        return "<none>"
+    s = int(max(0.0, (now or time.time()) - ts))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """kubectl-style columns: upper-case headers, three spaces between columns."""
+    grid = [list(headers)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(headers))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in grid)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def _dump(items: list[Any], output: str) -> None:
+    docs = [MessageToDict(i, preserving_proto_field_name=True) for i in items]
+    for d in docs:
+        if "manifest_json" in d:
+            d["manifest"] = json.loads(d.pop("manifest_json"))
+    payload: Any = docs[0] if len(docs) == 1 else {"items": docs}
+    if output == "json":
+        out.print(json.dumps(payload, indent=2, sort_keys=True), markup=False)
+    else:
+        out.print(yaml.safe_dump(payload, sort_keys=False).rstrip(), markup=False)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except ManifestError as exc:
+        for p in exc.problems:
+            err.print(str(p), markup=False)
+        err.print(f"error: {len(exc.problems)} problem(s) found; nothing was applied", markup=False)
+        raise typer.Exit(1) from None
+    except ShoalError as exc:
+        _fail(str(exc))
+
+
+# -- agent ------------------------------------------------------------------------
+
+
+@app.command()
+def agent(
+    dev: Annotated[bool, typer.Option("--dev", help="Server and client in one process, loopback only, per-user data dir.")] = False,
+    server: Annotated[bool, typer.Option("--server", help="Hold the cluster state and serve the API.")] = False,
+    join: Annotated[list[str] | None, typer.Option("--join", help="A server to reach (HOST[:PORT]); repeatable.")] = None,
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on.")] = "127.0.0.1",
+    advertise: Annotated[str, typer.Option("--advertise", help="Address other hosts use to reach this one.")] = "",
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC API port.")] = 7420,
+    data_dir: Annotated[pathlib.Path | None, typer.Option("--data-dir", help="Where state lives (default: per-user).")] = None,
+    node_name: Annotated[str, typer.Option("--node-name", help="This host's name in the cluster (default: hostname).")] = "",
+    label: Annotated[list[str] | None, typer.Option("--label", help="Node label KEY=VALUE; repeatable.")] = None,
+    driver: Annotated[list[str] | None, typer.Option("--driver", help="Runtime drivers to enable (docker, process); repeatable.")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Logs as JSON lines.")] = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    seed: Annotated[int | None, typer.Option("--seed", hidden=True)] = None,
+) -> None:
+    """Run the agent on this host (every host runs one)."""
+    from shoal.agent.main import AgentConfig, run
+    from shoal.logs import configure
+
+    configure(json=log_json, level=log_level)
+    labels = []
+    for item in label or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _fail(f'--label must be KEY=VALUE, got "{item}"')
+        labels.append((k, v))
+    config = AgentConfig(
+        dev=dev,
+        server=server,
+        join=tuple(join or ()),
+        bind=bind,
+        advertise=advertise,
+        grpc_port=grpc_port,
+        data_dir=data_dir,
+        node_name=node_name,
+        labels=tuple(labels),
+        drivers=tuple(driver) if driver else ("docker", "process"),
+        seed=seed,
+    )
+    try:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(run(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+    except ShoalError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+# -- apply / delete ---------------------------------------------------------------
+
+
+def _read_documents(files: list[str]) -> list[tuple[str, str]]:
+    """Validate locally (every problem at once, no round trip), then send the texts."""
+    from shoal.manifest import load_paths
+
+    docs = load_paths(files, stdin=sys.stdin)
+    texts: dict[str, str] = {}
+    for d in docs:
+        if d.source not in texts:
+            texts[d.source] = ""
+        texts[d.source] += "---\n" + json.dumps(d.raw, ensure_ascii=False) + "\n"
+    return list(texts.items())
+
+
+@app.command()
+def apply(
+    filename: Annotated[list[str], typer.Option("--filename", "-f", help="File, directory or - for stdin; repeatable.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show what would change.")] = False,
+    addr: Addr = "",
+) -> None:
+    """Create or update the objects in manifests (all or nothing)."""
+
+    def go() -> None:
+        docs = _read_documents(filename)
+        with _client(addr) as c:
+            resp = c.apply(docs, dry_run=dry_run)
+        for o in resp.objects:
+            suffix = " (dry run)" if dry_run else ""
+            out.print(f"{o.kind.lower()}/{o.name} {o.action}{suffix}", markup=False)
+
+    _run(go)
+
+
+@app.command()
+def delete(
+    kind: Annotated[str, typer.Argument(help="deployment or service (or TYPE/NAME).")] = "",
+    name: Annotated[str, typer.Argument()] = "",
+    filename: Annotated[list[str] | None, typer.Option("--filename", "-f", help="Delete what these manifests define.")] = None,
+    addr: Addr = "",
+) -> None:
+    """Delete deployments and services, by name or by manifest."""
+
+    def go() -> None:
+        targets: list[tuple[str, str]] = []
+        if filename:
+            from shoal.manifest import load_paths
+
+            targets = [(d.kind, d.name) for d in load_paths(filename, stdin=sys.stdin)]
+        else:
+            k, n = _split_ref(kind, name)
+            targets = [(k, n)]
+        with _client(addr) as c:
+            for k, n in targets:
+                c.delete(k, n)
+                out.print(f"{k.lower().rstrip('s')}/{n} deleted", markup=False)
+
+    _run(go)
+
+
+def _split_ref(kind: str, name: str) -> tuple[str, str]:
+    if "/" in kind and not name:
+        kind, name = kind.split("/", 1)
+    if not kind or not name:
+        _fail("name the object: TYPE NAME or TYPE/NAME (or use -f FILE)")
+    return kind, name
+
+
+@app.command()
+def scale(
+    ref: Annotated[str, typer.Argument(help="deployment/NAME")],
+    replicas: Annotated[int, typer.Option("--replicas", help="How many replicas.")],
+    addr: Addr = "",
+) -> None:
+    """Set a deployment's replica count."""
+
+    def go() -> None:
+        kind, name = _split_ref(ref, "")
+        if kind.lower() not in ("deployment", "deployments", "deploy"):
+            _fail(f'only deployments scale, not "{kind}"')
+        with _client(addr) as c:
+            resp = c.scale(name, replicas)
+        out.print(f"deployment/{resp.deployment} scaled to {resp.replicas}", markup=False)
+
+    _run(go)
+
+
+# -- reads ------------------------------------------------------------------------
+
+
+@app.command()
+def get(
+    kind: Annotated[str, typer.Argument(help="deployments, services, pods, endpoints, nodes or events.")],
+    name: Annotated[str, typer.Argument()] = "",
+    output: Output = "",
+    addr: Addr = "",
+) -> None:
+    """List objects, or show one."""
+
+    def go() -> None:
+        k, n = (kind.split("/", 1) if "/" in kind and not name else (kind, name))
+        with _client(addr) as c:
+            resp = c.get(k, n)
+        _print_get(resp, output)
+
+    _run(go)
+
+
+def _print_get(resp: Any, output: str) -> None:
+    wide = output == "wide"
+    for field_name in ("deployments", "services", "pods", "endpoints", "nodes", "events"):
+        items = list(getattr(resp, field_name))
+        if output in ("yaml", "json"):
+            if items or field_name == "events":
+                pass
+            if items:
+                _dump(items, output)
+                return
+            continue
+        if not items:
+            continue
+        now = time.time()
+        if field_name == "deployments":
+            headers = ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"] + (["IMAGE", "DRIVER", "CONDITIONS"] if wide else [])
+            rows = [[d.name, f"{d.ready}/{d.replicas}", d.updated, d.ready, _age(d.created_at, now)]
+                    + ([d.image, d.driver, "; ".join(d.conditions)] if wide else []) for d in items]
+        elif field_name == "services":
+            headers = ["NAME", "TYPE", "PORTS", "ENDPOINTS", "ALGORITHM", "AGE"] + (["SELECTOR"] if wide else [])
+            rows = [[s.name, s.type, ",".join(f"{p.port}{':' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in s.ports),
+                     s.endpoints, s.algorithm, _age(s.created_at, now)]
+                    + ([",".join(f"{k}={v}" for k, v in sorted(s.selector.items()))] if wide else []) for s in items]
+        elif field_name == "pods":
+            headers = ["NAME", "READY", "STATUS", "RESTARTS", "AGE"] + (["NODE", "ENDPOINT", "CONTAINER", "MESSAGE"] if wide else [])
+            rows = [[p.name, "1/1" if p.ready else "0/1", p.phase, p.restarts, _age(p.created_at, now)]
+                    + ([p.node or "<none>", f"{p.host_ip}:{p.host_port}" if p.host_port else "<none>", p.container_id[:12] or "<none>", p.message] if wide else [])
+                    for p in items]
+        elif field_name == "endpoints":
+            headers = ["NAME", "ENDPOINTS", "ALGORITHM", "VERSION"]
+            rows = [[t.service, ",".join(f"{e.address}:{e.port}" for e in t.endpoints) or "<none>", t.algorithm, t.version] for t in items]
+        elif field_name == "nodes":
+            headers = ["NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "PODS", "AGE"]
+            rows = [[n.name, n.status + (",SchedulingDisabled" if n.cordoned else ""), n.role, n.address,
+                     f"{n.allocated.cpu_millis}m/{n.capacity.cpu_millis}m",
+                     f"{_bytes(n.allocated.memory_bytes)}/{_bytes(n.capacity.memory_bytes)}", n.pods, _age(n.last_seen, now)]
+                    for n in items]
+        else:
+            headers = ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+            rows = [[_age(e.time, now), e.type, e.reason, e.object, e.message] for e in items]
+        out.print(_table(headers, rows), markup=False)
+        return
+    if output not in ("yaml", "json"):
+        err.print("No resources found.", markup=False)
+
+
+@app.command()
+def describe(
+    kind: Annotated[str, typer.Argument(help="deployment, service, pod or node (or TYPE/NAME).")],
+    name: Annotated[str, typer.Argument()] = "",
+    addr: Addr = "",
+) -> None:
+    """Show one object in detail, with its recent events."""
+
+    def go() -> None:
+        k, n = _split_ref(kind, name)
+        with _client(addr) as c:
+            resp = c.get(k, n)
+            items = [i for f in ("deployments", "services", "pods", "endpoints", "nodes") for i in getattr(resp, f)]
+            _dump(items, "yaml")
+            prefix = {"deployments": "deployment", "services": "service", "pods": "pod", "nodes": "node"}
+            kind_name = next((prefix[f] for f in prefix if getattr(resp, f)), "")
+            events = [e for e in c.events() if e.object == f"{kind_name}/{n}"]
+        out.print("events:", markup=False)
+        now = time.time()
+        if events:
+            out.print(_table(["LAST SEEN", "TYPE", "REASON", "MESSAGE"], [[_age(e.time, now), e.type, e.reason, e.message] for e in events[-20:]]), markup=False)
+        else:
+            out.print("  <none>", markup=False)
+
+    _run(go)
+
+
+@app.command()
+def logs(
+    pod: Annotated[str, typer.Argument(help="Pod name (see shoal get pods).")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new output.")] = False,
+    tail: Annotated[int, typer.Option("--tail", help="Only the last N lines (0: all).")] = 0,
+    addr: Addr = "",
+) -> None:
+    """Print a pod's output."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            try:
+                for chunk in c.logs(pod, follow=follow, tail=tail):
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                pass
+
+    _run(go)
+
+
+@app.command()
+def events(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep printing new events.")] = False,
+    addr: Addr = "",
+) -> None:
+    """Show cluster events, oldest first."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            stream = c.events(follow=watch)
+            headers = ["TIME", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+            if not watch:
+                rows = [[time.strftime("%H:%M:%S", time.localtime(e.time)), e.type, e.reason, e.object, e.message] for e in stream]
+                out.print(_table(headers, rows) if rows else "No events.", markup=False)
+                return
+            try:
+                for e in stream:
+                    out.print(f"{time.strftime('%H:%M:%S', time.localtime(e.time))}  {e.type:<7}  {e.reason:<16}  {e.object}  {e.message}", markup=False)
+            except KeyboardInterrupt:
+                pass
+
+    _run(go)
+
+
+@app.command()
+def version() -> None:
+    """Print shoal's version."""
+    out.print(f"shoal {shoal.__version__}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

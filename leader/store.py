@@ -1,0 +1,156 @@
+"""The state store: where the leader's controllers and the API read and write state.
+
+Rules:
+- Reads are served from the in-memory `ClusterState` (`store.state`), never from disk.
+- `commit(txn)` returns only once the transaction is durable (here: in SQLite, fsync'd;
+  with Raft: committed by a quorum) and applied to `state`. A write that was not
+  acknowledged may or may not have happened; one that was is never lost.
+- `wait(revision)` resolves once the state has moved past `revision`: controllers and
+  watchers use it instead of polling.
+
+`Store` is the interface; `SqliteStore` is the single-server backend that the dev agent
+uses. The Raft-replicated backend implements the same interface, so the controllers do
+not change when it lands.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import pathlib
+import sqlite3
+
+from shoal.errors import StoreError
+from shoal.leader.state import EVENTS_KEPT, KINDS, ClusterState, Delete, Put, Txn
+
+__all__ = ["Store", "SqliteStore", "MemoryStore"]
+
+
+class Store(abc.ABC):
+    """A durable, linearizable home for the cluster state."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self._changed = asyncio.Condition()
+
+    @abc.abstractmethod
+    async def _persist(self, txn: Txn, state_after: ClusterState) -> None:
+        """Make `txn` durable; raise StoreError if it could not be."""
+
+    async def commit(self, txn: Txn) -> int:
+        """Make `txn` durable, apply it, wake watchers; returns the new revision."""
+        if not txn:
+            return self.state.revision
+        # Reject a malformed transaction before it reaches disk, so it never half-applies.
+        unknown = sorted({op.kind for op in txn.ops if op.kind not in KINDS})
+        if unknown:
+            raise StoreError(f"unknown kinds in transaction: {', '.join(unknown)}")
+        await self._persist(txn, self.state)
+        revision = self.state.apply(txn)
+        async with self._changed:
+            self._changed.notify_all()
+        return revision
+
+    async def wait(self, revision: int, timeout: float | None = None) -> int:
+        """Wait until the state's revision exceeds `revision` (or the timeout passes)."""
+
+        async def _wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.state.revision > revision)
+
+        try:
+            await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.state.revision
+
+    async def close(self) -> None:
+        """Release resources."""
+
+
+class MemoryStore(Store):
+    """Not durable: for unit tests of controllers and the API."""
+
+    async def _persist(self, txn: Txn, state_after: ClusterState) -> None:
+        return None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (kind TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+                                    PRIMARY KEY (kind, name));
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class SqliteStore(Store):
+    """The single-server durable store: one SQLite file in WAL mode, fsync on commit."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        super().__init__()
+        self.path = path
+        self._lock = asyncio.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsync'd at every commit, so an acknowledged write survives
+            # a power cut, not just a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._load()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"cannot open the state database {path}: {exc}. "
+                "If the file is damaged, move it aside to start with an empty state."
+            ) from exc
+
+    def _load(self) -> None:
+        state = self.state
+        for kind, name, value in self._db.execute("SELECT kind, name, value FROM objects"):
+            if kind in state.collections:
+                state.collections[kind][name] = json.loads(value)
+        for (value,) in self._db.execute("SELECT value FROM events ORDER BY seq"):
+            state.events.append(json.loads(value))
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        state.revision = int(meta.get("revision", 0))
+        state.next_event_seq = int(meta.get("next_event_seq", 1))
+
+    async def _persist(self, txn: Txn, state_before: ClusterState) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._write, txn, state_before.revision, state_before.next_event_seq)
+
+    def _write(self, txn: Txn, revision: int, next_seq: int) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in txn.ops:
+                if isinstance(op, Put):
+                    db.execute(
+                        "INSERT OR REPLACE INTO objects (kind, name, value) VALUES (?, ?, ?)",
+                        (op.kind, op.name, json.dumps(op.value, sort_keys=True)),
+                    )
+                elif isinstance(op, Delete):
+                    db.execute("DELETE FROM objects WHERE kind = ? AND name = ?", (op.kind, op.name))
+            seq = next_seq
+            for e in txn.events:
+                value = {"seq": seq, "time": e.time, "type": e.type, "reason": e.reason,
+                         "object": e.object, "message": e.message}
+                db.execute("INSERT INTO events (seq, value) VALUES (?, ?)", (seq, json.dumps(value)))
+                seq += 1
+            if txn.events:
+                db.execute("DELETE FROM events WHERE seq <= ?", (seq - 1 - EVENTS_KEPT,))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)", (revision + 1,))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_event_seq', ?)", (seq,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"cannot write the state database {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._db.close()

@@ -1,0 +1,100 @@
+"""The Python client library for the `shoal.v1.Control` API.
+
+gRPC errors are translated into shoal errors here, in one place (`_translate`), so
+callers (the CLI among them) handle `ShoalError` only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from shoal.errors import Conflict, NotFound, ShoalError, Unavailable
+from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+__all__ = ["Client", "DEFAULT_ADDR", "RequestRejected", "default_addr"]
+
+DEFAULT_ADDR = "127.0.0.1:7420"
+
+
+def default_addr() -> str:
+    return os.environ.get("SHOAL_ADDR") or DEFAULT_ADDR
+
+
+class RequestRejected(ShoalError):
+    """The server rejected the request as invalid; the message says why."""
+
+
+def _translate(exc: grpc.RpcError, addr: str) -> ShoalError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    unreachable = ("failed to connect", "connection refused", "name resolution", "dns resolution")
+    if code == grpc.StatusCode.UNAVAILABLE and (not details or any(u in details.lower() for u in unreachable)):
+        return Unavailable(f"cannot reach shoal at {addr} — is 'shoal agent --dev' running?")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"shoal at {addr} did not answer in time")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return RequestRejected(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        err = NotFound("object", "")
+        err.args = (details,)
+        return err
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return Conflict(details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(details)
+    return ShoalError(f"{code.name if code else 'error'}: {details}")
+
+
+class Client:
+    def __init__(self, addr: str | None = None, *, timeout: float = 10.0) -> None:
+        self.addr = addr or default_addr()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.addr)
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.addr) from None
+
+    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+        try:
+            yield from getattr(self._stub, method)(request)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                return
+            raise _translate(exc, self.addr) from None
+
+    def apply(self, documents: list[tuple[str, str]], *, dry_run: bool = False) -> control_pb2.ApplyResponse:
+        return self._call("Apply", control_pb2.ApplyRequest(
+            documents=[control_pb2.Document(source=s, content=c) for s, c in documents], dry_run=dry_run))
+
+    def get(self, kind: str, name: str = "") -> control_pb2.GetResponse:
+        return self._call("Get", control_pb2.GetRequest(kind=kind, name=name))
+
+    def delete(self, kind: str, name: str) -> control_pb2.DeleteResponse:
+        return self._call("Delete", control_pb2.DeleteRequest(kind=kind, name=name))
+
+    def scale(self, deployment: str, replicas: int) -> control_pb2.ScaleResponse:
+        return self._call("Scale", control_pb2.ScaleRequest(deployment=deployment, replicas=replicas))
+
+    def events(self, *, since: int = 0, follow: bool = False, obj: str = "") -> Iterator[types_pb2.Event]:
+        return self._stream("WatchEvents", control_pb2.WatchEventsRequest(since=since, follow=follow, object=obj))
+
+    def logs(self, pod: str, *, follow: bool = False, tail: int = 0) -> Iterator[bytes]:
+        for chunk in self._stream("Logs", control_pb2.LogsRequest(pod=pod, follow=follow, tail=tail)):
+            yield chunk.data

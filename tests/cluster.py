@@ -1,0 +1,158 @@
+"""Real agent processes for end-to-end tests: start, kill -9, restart, clean up.
+
+`DevAgent` runs `python -m shoal agent --dev` as a subprocess with its own data dir,
+gRPC port and node name (so its containers are told apart from anyone else's), and
+drives the CLI as a user would. Teardown removes every container and process it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing waited for may not exist yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class DevAgent:
+    data_dir: pathlib.Path
+    grpc_port: int = field(default_factory=free_port)
+    node: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: pathlib.Path | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start the agent; returns seconds until its gRPC health check said SERVING."""
+        self.log_path = self.data_dir / "agent.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "agent", "--dev", "--data-dir", str(self.data_dir),
+             "--grpc-port", str(self.grpc_port), "--node-name", self.node, "--seed", "7", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        log.close()
+        try:
+            wait_until(self._serving, timeout, what=f"agent {self.node} to serve")
+        except AssertionError:
+            raise AssertionError(f"agent did not start; log:\n{self.log()}") from None
+        return time.monotonic() - t0
+
+    def _serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc.returncode}; log:\n{self.log()}")
+        with grpc.insecure_channel(self.addr) as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            except grpc.RpcError:
+                return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = 60.0) -> CliResult:
+        env = dict(os.environ, SHOAL_ADDR=self.addr, COLUMNS="200")
+        p = subprocess.run([sys.executable, "-m", "shoal", *args], input=input, capture_output=True,
+                           text=True, env=env, timeout=timeout, cwd=ROOT)
+        return CliResult(p.returncode, p.stdout, p.stderr)
+
+    def get_json(self, kind: str) -> list[dict[str, Any]]:
+        r = self.cli("get", kind, "-o", "json")
+        if r.code != 0:
+            raise AssertionError(f"get {kind} failed: {r.err}")
+        if not r.out.strip():
+            return []
+        data = json.loads(r.out)
+        return list(data["items"]) if "items" in data else [data]
+
+    def cleanup_workloads(self) -> None:
+        """Remove every container and process this agent's node made."""
+        with contextlib.suppress(Exception):
+            import docker
+
+            client = docker.from_env()
+            for c in client.containers.list(all=True, filters={"label": f"io.shoal.node={self.node}"}):
+                with contextlib.suppress(Exception):
+                    c.remove(force=True)
+            client.close()
+        procs = self.data_dir / "processes"
+        for state in procs.glob("*.json") if procs.exists() else []:
+            with contextlib.suppress(Exception):
+                pid = int(json.loads(state.read_text())["pid"])
+                os.killpg(pid, signal.SIGKILL)
+
+
+def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 2.0) -> str:
+    """One HTTP/1.0 request on a new connection; returns the body."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        raise ConnectionError(f"not an HTTP response: {data[:80]!r}")
+    return body.decode()
