@@ -8,9 +8,10 @@ empty transaction, so the loop settles.
 
 One pass does, in order:
 1. Replica count: each deployment gets `spec.replicas` replicas of its current pod
-   template. Extra replicas are removed (not-ready and newest first). Replicas of an older
-   template are removed only as replicas of the current one turn ready, so a changed
-   image rolls over without dropping below the ready count it had.
+   template. Extra replicas are removed (not-ready and newest first). When the template
+   changes, `Recreate` removes every old replica at once; `RollingUpdate` (the default)
+   adds new replicas up to `maxSurge` above the count and removes old ones as new ones
+   turn ready, never below `replicas - maxUnavailable` ready (Kubernetes' rules).
 2. Orphans: replicas whose deployment is gone are removed.
 3. Placement: pending replicas go to the scheduler core; what fits is assigned a node
    and a host port; what does not is reported on the deployment with the reason.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 import string
 from collections import Counter
@@ -46,10 +48,11 @@ from shoal.model import (
     Algorithm,
     DeploymentSpec,
     Resources,
+    RollingUpdate,
     ServiceSpec,
 )
 
-__all__ = ["Controller", "replica_requests", "service_matches"]
+__all__ = ["Controller", "replica_requests", "rolling_bounds", "service_matches"]
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -117,6 +120,19 @@ class Controller:
 
     # -- the reconcile pass -----------------------------------------------------------
 
+    @staticmethod
+    def _remove(
+        r: ReplicaRecord,
+        ops: list[Put | Delete],
+        events: list[NewEvent],
+        replicas: dict[str, ReplicaRecord],
+        now: float,
+        why: str,
+    ) -> None:
+        ops.append(Delete(kind="replicas", name=r.id))
+        replicas.pop(r.id, None)
+        events.append(_event(now, "Normal", "Killing", f"pod/{r.id}", why))
+
     def reconcile(self, state: ClusterState, now: float) -> Txn:
         ops: list[Put | Delete] = []
         events: list[NewEvent] = []
@@ -144,7 +160,17 @@ class Controller:
             current = [r for r in reps if r.generation == rec.template_generation]
             old = [r for r in reps if r.generation != rec.template_generation]
             want = spec.replicas
-            for _ in range(want - len(current)):
+            create = want - len(current)
+            if old:
+                if spec.strategy == "Recreate":
+                    # Every old replica goes first; new ones start in the same pass.
+                    for r in old:
+                        self._remove(r, ops, events, replicas, now, f"recreating {dep_name} with a new template")
+                    old = []
+                else:
+                    surge, unavailable = rolling_bounds(spec.rolling_update, want)
+                    create = min(create, want + surge - len(current) - len(old))
+            for _ in range(max(0, create)):
                 rid = self.new_replica_id(dep_name, taken)
                 new = ReplicaRecord(id=rid, deployment=dep_name, generation=rec.template_generation, created_at=now)
                 replicas[rid] = new
@@ -153,15 +179,19 @@ class Controller:
                 # Remove what serves least first: not ready, then not running, then newest.
                 victims = sorted(current, key=_removal_order)
                 for r in victims[: len(current) - want]:
-                    ops.append(Delete(kind="replicas", name=r.id))
-                    replicas.pop(r.id)
-                    events.append(_event(now, "Normal", "Killing", f"pod/{r.id}", f"scaled down {dep_name}"))
-            ready_current = sum(1 for r in current if r.ready)
-            keep_old = max(0, min(len(old), want - ready_current))
-            for r in sorted(old, key=_removal_order)[: len(old) - keep_old]:
-                ops.append(Delete(kind="replicas", name=r.id))
-                replicas.pop(r.id)
-                events.append(_event(now, "Normal", "Killing", f"pod/{r.id}", f"replaced by a newer template of {dep_name}"))
+                    self._remove(r, ops, events, replicas, now, f"scaled down {dep_name}")
+            if old:
+                # Old replicas leave as new ones turn ready, never taking the ready count
+                # below want - maxUnavailable; ones that are not ready serve nobody and
+                # leave at once.
+                min_available = max(0, want - unavailable)
+                available = sum(1 for r in current if r.ready) + sum(1 for r in old if r.ready)
+                for r in sorted(old, key=_removal_order):
+                    if r.ready:
+                        if available - 1 < min_available:
+                            continue
+                        available -= 1
+                    self._remove(r, ops, events, replicas, now, f"replaced by a newer template of {dep_name}")
 
         # 3: placement.
         pending = sorted((r for r in replicas.values() if r.phase == Phase.PENDING and not r.node), key=lambda r: r.id)
@@ -319,6 +349,29 @@ def _node_infos(
         )
         for n in sorted(nodes, key=lambda n: n.name)
     ]
+
+
+def _resolve(value: int | str, total: int, *, round_up: bool) -> int:
+    """An absolute count or a percentage of `total` (Kubernetes rounds surge up and
+    unavailability down)."""
+    if isinstance(value, int):
+        return value
+    percent = int(value.rstrip("%"))
+    scaled = total * percent / 100
+    return math.ceil(scaled) if round_up else math.floor(scaled)
+
+
+def rolling_bounds(rolling: RollingUpdate, want: int) -> tuple[int, int]:
+    """(maxSurge, maxUnavailable) as replica counts for a deployment of `want`.
+
+    Both zero cannot make progress; as Kubernetes does, one replica may then be
+    unavailable.
+    """
+    surge = _resolve(rolling.max_surge, want, round_up=True)
+    unavailable = _resolve(rolling.max_unavailable, want, round_up=False)
+    if surge == 0 and unavailable == 0:
+        unavailable = 1
+    return surge, unavailable
 
 
 def _removal_order(r: ReplicaRecord) -> tuple[bool, bool, float, str]:

@@ -49,16 +49,22 @@ class ControlLoop:
                 txn = self._controller.reconcile(self._store.state, self._clock())
                 if txn:
                     revision = await self._store.commit(txn)
-                    busy += 1
-                else:
-                    busy = 0
             except StoreError as exc:
                 self._log.error("leader.commit_failed", error=str(exc))
-                busy = _MAX_BUSY_PASSES
+                await asyncio.sleep(self._tick)
+                continue
+            except Exception:
+                # A bug in one pass must not take the control plane down with it: say so
+                # loudly and try again on the next tick, from whatever state is current.
+                self._log.exception("leader.reconcile_failed")
+                await asyncio.sleep(self._tick)
+                continue
+            if not txn:
+                busy = 0
+                await self._store.wait(revision, timeout=self._tick)
+                continue
+            busy += 1
             if busy >= _MAX_BUSY_PASSES:
                 if busy == _MAX_BUSY_PASSES:
                     self._log.error("leader.not_settling", passes=busy)
                 await asyncio.sleep(self._tick)
-                continue
-            if not txn:
-                await self._store.wait(revision, timeout=self._tick)

@@ -201,20 +201,52 @@ async def test_template_change_rolls_over_as_new_replicas_turn_ready() -> None:
 
     await put_deployment(store, deployment_raw(replicas=3, image="img:2"), generation=2, template_generation=2)
     await settle(ctl, store)
-    new_ids = sorted(r.id for r in replicas(store) if r.generation == 2)
-    assert len(new_ids) == 3
+    # Default strategy: maxSurge 25% of 3 rounds up to 1, maxUnavailable 25% down to 0.
+    new = [r for r in replicas(store) if r.generation == 2]
+    assert len(new) == 1, "one surge replica at a time"
     # Nothing old goes while nothing new is ready.
     assert sorted(r.id for r in replicas(store) if r.generation == 1) == old_ids
 
-    for turned, rid in enumerate(new_ids, start=1):
-        await make_ready(store, rid)
+    for step in range(1, 4):
+        for r in replicas(store):
+            if r.generation == 2 and not r.ready:
+                await make_ready(store, r.id)
         await settle(ctl, store)
-        left = [r for r in replicas(store) if r.generation == 1]
-        assert len(left) == 3 - turned
-        ready_now = sum(1 for r in replicas(store) if r.ready)
-        assert ready_now == 3, "the ready count never drops during the roll"
-        assert sorted(e["pod"] for e in table(store).endpoints) == sorted(r.id for r in replicas(store) if r.ready)
-    assert sorted(r.id for r in replicas(store)) == new_ids
+        reps = replicas(store)
+        assert len(reps) <= 4, "never more than replicas + maxSurge"
+        assert sum(1 for r in reps if r.ready) >= 3, "the ready count never drops during the roll"
+        assert len([r for r in reps if r.generation == 1]) == 3 - step
+        assert sorted(e["pod"] for e in table(store).endpoints) == sorted(r.id for r in reps if r.ready)
+    assert all(r.generation == 2 for r in replicas(store)) and len(replicas(store)) == 3
+
+
+async def test_recreate_replaces_every_replica_at_once() -> None:
+    store, ctl = MemoryStore(), controller()
+    await with_node(store)
+    raw = deployment_raw(replicas=3, image="img:1")
+    raw["spec"]["strategy"] = {"type": "Recreate"}
+    await put_deployment(store, raw)
+    await settle(ctl, store)
+    for r in replicas(store):
+        await make_ready(store, r.id)
+    raw2 = deployment_raw(replicas=3, image="img:2")
+    raw2["spec"]["strategy"] = {"type": "Recreate"}
+    await put_deployment(store, raw2, generation=2, template_generation=2)
+    await settle(ctl, store)
+    reps = replicas(store)
+    assert len(reps) == 3 and all(r.generation == 2 for r in reps)
+
+
+@pytest.mark.parametrize(
+    ("surge", "unavailable", "want", "expected"),
+    [("25%", "25%", 3, (1, 0)), ("25%", "25%", 4, (1, 1)), (0, 0, 3, (0, 1)), (2, 1, 3, (2, 1)),
+     ("50%", "50%", 5, (3, 2)), ("100%", 0, 3, (3, 0)), ("25%", "25%", 0, (0, 1))],
+)
+def test_rolling_bounds(surge: int | str, unavailable: int | str, want: int, expected: tuple[int, int]) -> None:
+    from shoal.leader.controller import rolling_bounds
+    from shoal.model import RollingUpdate
+
+    assert rolling_bounds(RollingUpdate(max_surge=surge, max_unavailable=unavailable), want) == expected
 
 
 async def test_orphans_are_removed_when_the_deployment_is_gone() -> None:
@@ -411,7 +443,10 @@ async def test_random_histories_always_settle(seed: int) -> None:
         spec = ctl.deployment_spec(deployment(store))
         assert spec is not None
         current = [r for r in replicas(store) if r.generation == template]
-        assert len(current) == spec.replicas
+        old = [r for r in replicas(store) if r.generation != template]
+        assert len(current) <= spec.replicas
+        if not old:
+            assert len(current) == spec.replicas
         ready = sorted(r.id for r in replicas(store) if r.ready)
         assert [e["pod"] for e in table(store).endpoints] == ready
         ports = [r.host_port for r in replicas(store)]
