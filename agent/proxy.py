@@ -203,12 +203,19 @@ class ServiceProxy:
                     if not client_done:
                         pipes.append(_pipe(reader, uw, self.config.chunk))
                     splice = asyncio.ensure_future(asyncio.gather(*pipes))
-                    await asyncio.wait({splice, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not splice.done():
-                        # The endpoint died mid-connection; a peer that vanished with its
-                        # network namespace never closes, so close for it.
-                        uw.close()
-                        await splice
+                    try:
+                        await asyncio.wait({splice, gone}, return_when=asyncio.FIRST_COMPLETED)
+                        if not splice.done():
+                            # The endpoint died mid-connection; a peer that vanished with
+                            # its network namespace never closes, so close for it.
+                            uw.close()
+                            await splice
+                    finally:
+                        if not splice.done():
+                            splice.cancel()  # the listener is shutting down
+                        # Retrieve the outcome so a cancelled splice is not reported as a
+                        # lost exception.
+                        splice.add_done_callback(lambda f: f.cancelled() or f.exception())
                     return
                 finally:
                     uw.close()
