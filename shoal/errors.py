@@ -10,7 +10,12 @@
     │   ├── ImageNotFound      the image is neither local nor pullable
     │   └── RuntimeUnavailable the runtime (Docker Engine) cannot be reached
     ├── StoreError             the state store failed to read or persist
-    └── Unavailable            the control plane cannot be reached or has no leader
+    │   └── (raft) LogCompacted, LogUnavailable, SnapshotOutOfDate, SnapshotTemporarilyUnavailable
+    ├── Unavailable            the control plane cannot be reached or has no leader
+    │   └── (raft) NotLeader(leader_hint), ProposalDropped
+    └── (raft) RaftInvariantError   a consensus invariant broke: a bug, fail loudly
+            └── IllegalTransition
+    (raft) ConfChangeRefused is a Conflict. The Raft errors live in shoal.leader.raft.errors.
 
 Each error carries its context as keyword attributes and renders as one sentence a user
 can act on. gRPC status codes are chosen only at the API edge (`shoal.leader.api`), and

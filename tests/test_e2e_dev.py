@@ -325,6 +325,24 @@ spec:
     assert r.code == 0, r.err
     r = agent.cli("get", "pods", "-o", "wide")
     assert r.code == 0 and pod in r.out
+    r = agent.cli("describe", "pod", pod)
+    assert r.code == 0, r.err
+    assert f"name: {pod}" in r.out and "Scheduled" in r.out
+    r = agent.cli("events")
+    assert r.code == 0 and f"pod/{pod}" in r.out
+
+
+def test_health_and_reflection_on_the_grpc_port(agent: DevAgent) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(agent.addr) as ch:
+        for service in ("", "shoal.v1.Control", "shoal.v1.Agent"):
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"shoal.v1.Control", "shoal.v1.Agent", "grpc.health.v1.Health"} <= services
 
 
 def test_unreachable_server_is_one_clear_line(tmp_path: pathlib.Path) -> None:
