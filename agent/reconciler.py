@@ -9,6 +9,8 @@ Rules:
 - An assigned replica that is missing is started at once; one that exited is restarted
   after an exponential back-off (`backoff_delay`), reset once it has run for
   `backoff_reset` seconds.
+- A replica the agent `kill()`s (it failed its liveness or startup probe) counts as a
+  crash: it is stopped at once and restarted by the next plan after its back-off.
 - The planning step (`plan`) is pure: observed state + desired state + per-replica
   history + now → actions. `Reconciler` executes the actions on the runtimes.
 """
@@ -57,8 +59,11 @@ class BackoffConfig:
     reset: float = 30.0
 
 
-# `History.last_exit_seen` after a start that raised: the failure is counted already.
+# `History.last_exit_seen` after a start that raised, or a kill for a failed probe: the
+# failure is counted already, and what is observed next is its aftermath.
 _START_FAILED = "start-failed:"
+_KILLED = "killed:"
+_COUNTED = (_START_FAILED, _KILLED)
 
 
 def backoff_delay(failures: int, config: BackoffConfig) -> float:
@@ -91,6 +96,7 @@ class History:
     next_start: float = 0.0  # earliest time the next restart may happen
     last_exit_seen: str = ""  # the handle whose exit was already counted
     message: str = ""
+    reason: str = ""  # why the agent killed it (a failed probe), until it restarts
 
 
 def plan(
@@ -120,17 +126,19 @@ def plan(
             # It existed before and vanished (removed behind our back): a crash.
             obs_handle = "<missing>"
         elif obs.running:
-            if h.last_exit_seen.startswith(_START_FAILED):
+            if h.last_exit_seen.startswith(_COUNTED):
                 h.last_exit_seen = ""  # it runs after all: its next exit is a new crash
+                h.next_start = 0.0  # and no restart is pending (next_deadline must not fire)
             if obs.started_at is not None and now - obs.started_at >= config.reset:
                 h.failures = 0
             continue
         else:
             obs_handle = obs.handle
         if h.last_exit_seen != obs_handle:
-            if h.last_exit_seen.startswith(_START_FAILED):
-                # The executor already counted this failure (a start that raised) and set
-                # its back-off; what is observed now is its aftermath, not a new crash.
+            if h.last_exit_seen.startswith(_COUNTED):
+                # The executor already counted this failure (a start that raised, a kill)
+                # and set its back-off; what is observed now is its aftermath, not a new
+                # crash.
                 h.last_exit_seen = obs_handle
             else:
                 h.last_exit_seen = obs_handle
@@ -141,8 +149,11 @@ def plan(
             h.restarts += 1
             h.next_start = 0.0
             h.last_exit_seen = ""  # whatever exits next is a new crash
+            h.reason = ""
         else:
             h.message = f"back-off {h.next_start - now:.1f}s restarting failed replica"
+            if h.reason:
+                h.message += f" ({h.reason})"
     for rid in list(history):
         if rid not in desired:
             del history[rid]
@@ -203,8 +214,12 @@ class Reconciler:
         async with self._lock:
             self.observed = await self.observe()
             actions = plan(self.desired, self.observed, self.history, self._clock(), self.config)
-            for action in actions:
-                await self._execute(action)
+            if self.desired is not None:
+                for rid in [r for r in self.errors if r not in self.desired]:
+                    del self.errors[rid]
+            # Each action concerns a different replica: run them together, so stopping
+            # ten replicas that ignore SIGTERM costs one grace period, not ten.
+            await asyncio.gather(*(self._execute(a) for a in actions))
             if actions:
                 self.observed = await self.observe()
             return actions
@@ -233,6 +248,38 @@ class Reconciler:
                 h.last_exit_seen = f"{_START_FAILED}{h.failures}"
                 h.next_start = self._clock() + backoff_delay(h.failures, self.config)
             self._log.warning("reconciler.action_failed", action=action.kind.value, replica=action.replica_id, error=str(exc))
+
+    async def kill(self, replica_id: str, reason: str, *, handle: str | None = None, timeout: float = 10.0) -> bool:
+        """Stop a running replica that failed its liveness or startup probe, counted as a
+        crash, so the next `reconcile()` restarts it after its back-off.
+
+        `handle`: kill only that incarnation (a verdict on an older one is moot).
+        `timeout`: seconds between SIGTERM and SIGKILL. False when there was nothing to
+        kill (not assigned, not running, another incarnation).
+        """
+        async with self._lock:
+            spec = (self.desired or {}).get(replica_id)
+            runtime = self.runtimes.get(spec.driver) if spec is not None else None
+            if runtime is None:
+                return False
+            self.observed = await self.observe()
+            obs = self.observed.get(replica_id)
+            if obs is None or not obs.running or (handle is not None and obs.handle != handle):
+                return False
+            # Counted before the stop, so a stop that fails or is cancelled half-way
+            # still leaves the back-off in place.
+            h = self.history.setdefault(replica_id, History())
+            h.failures += 1
+            h.last_exit_seen = f"{_KILLED}{h.failures}"
+            h.next_start = self._clock() + backoff_delay(h.failures, self.config)
+            h.reason = reason
+            self._log.info("reconciler.killing", replica=replica_id, reason=reason, failures=h.failures)
+            try:
+                await runtime.stop(replica_id, timeout=timeout)
+            except ShoalError as exc:
+                self._log.warning("reconciler.kill_failed", replica=replica_id, error=str(exc))
+            self.observed = await self.observe()
+            return True
 
     def next_deadline(self) -> float | None:
         """When the earliest pending back-off ends (for the shell's timer), if any."""

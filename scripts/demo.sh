@@ -17,6 +17,12 @@ running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
 if [ "${1:-up}" = down ]; then
     if running; then
         "$SHOAL" delete -f examples/hello-world/ || true
+        # Let the agent stop the replicas (up to their grace period) before it exits.
+        for _ in $(seq 1 200); do
+            [ -z "$("$SHOAL" get pods -o json 2>/dev/null)" ] && \
+                ! docker ps --filter label=io.shoal.deployment=hello-world -q | grep -q . && break
+            sleep 0.2
+        done
         kill "$(cat "$PIDFILE")"
         rm -f "$PIDFILE"
         echo "dev agent stopped"

@@ -71,9 +71,10 @@ class Client:
         except grpc.RpcError as exc:
             raise _translate(exc, self.addr) from None
 
-    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+    def _stream(self, method: str, request: Any, *, follow: bool) -> Iterator[Any]:
         try:
-            yield from getattr(self._stub, method)(request)
+            # A stream that does not follow ends by itself: bound it like a call.
+            yield from getattr(self._stub, method)(request, timeout=None if follow else self.timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
                 return
@@ -93,8 +94,8 @@ class Client:
         return self._call("Scale", control_pb2.ScaleRequest(deployment=deployment, replicas=replicas))
 
     def events(self, *, since: int = 0, follow: bool = False, obj: str = "") -> Iterator[types_pb2.Event]:
-        return self._stream("WatchEvents", control_pb2.WatchEventsRequest(since=since, follow=follow, object=obj))
+        return self._stream("WatchEvents", control_pb2.WatchEventsRequest(since=since, follow=follow, object=obj), follow=follow)
 
     def logs(self, pod: str, *, follow: bool = False, tail: int = 0) -> Iterator[bytes]:
-        for chunk in self._stream("Logs", control_pb2.LogsRequest(pod=pod, follow=follow, tail=tail)):
+        for chunk in self._stream("Logs", control_pb2.LogsRequest(pod=pod, follow=follow, tail=tail), follow=follow):
             yield chunk.data
