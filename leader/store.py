@@ -33,21 +33,32 @@ class Store(abc.ABC):
     def __init__(self) -> None:
         self.state = ClusterState()
         self._changed = asyncio.Condition()
+        self._commit_lock = asyncio.Lock()
 
     @abc.abstractmethod
     async def _persist(self, txn: Txn, state_after: ClusterState) -> None:
         """Make `txn` durable; raise StoreError if it could not be."""
 
     async def commit(self, txn: Txn) -> int:
-        """Make `txn` durable, apply it, wake watchers; returns the new revision."""
+        """Make `txn` durable, apply it, wake watchers; returns the new revision.
+
+        Cancelling the caller does not cancel the commit: once a write may have reached
+        disk it is applied in memory too, or memory and disk would disagree.
+        """
         if not txn:
             return self.state.revision
         # Reject a malformed transaction before it reaches disk, so it never half-applies.
         unknown = sorted({op.kind for op in txn.ops if op.kind not in KINDS})
         if unknown:
             raise StoreError(f"unknown kinds in transaction: {', '.join(unknown)}")
-        await self._persist(txn, self.state)
-        revision = self.state.apply(txn)
+        return await asyncio.shield(self._commit(txn))
+
+    async def _commit(self, txn: Txn) -> int:
+        # One commit at a time from persist to apply: the revision and event numbers a
+        # transaction is written with are the ones it gets in memory.
+        async with self._commit_lock:
+            await self._persist(txn, self.state)
+            revision = self.state.apply(txn)
         async with self._changed:
             self._changed.notify_all()
         return revision
@@ -90,7 +101,6 @@ class SqliteStore(Store):
     def __init__(self, path: pathlib.Path) -> None:
         super().__init__()
         self.path = path
-        self._lock = asyncio.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -118,8 +128,7 @@ class SqliteStore(Store):
         state.next_event_seq = int(meta.get("next_event_seq", 1))
 
     async def _persist(self, txn: Txn, state_before: ClusterState) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._write, txn, state_before.revision, state_before.next_event_seq)
+        await asyncio.to_thread(self._write, txn, state_before.revision, state_before.next_event_seq)
 
     def _write(self, txn: Txn, revision: int, next_seq: int) -> None:
         db = self._db
@@ -152,5 +161,5 @@ class SqliteStore(Store):
             raise StoreError(f"cannot write the state database {self.path}: {exc}") from exc
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._commit_lock:
             self._db.close()

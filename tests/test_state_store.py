@@ -196,3 +196,36 @@ async def test_wait_times_out_without_a_commit() -> None:
     started = loop.time()
     assert await store.wait(0, timeout=0.05) == 0
     assert loop.time() - started >= 0.04
+
+
+async def test_a_cancelled_commit_still_lands_in_memory_and_on_disk(tmp_path: pathlib.Path) -> None:
+    """The caller giving up (a gRPC handler cancelled mid-write) must not leave disk and
+    memory disagreeing: the write completes and is applied."""
+    store = SqliteStore(tmp_path / "state.db")
+    task = asyncio.ensure_future(store.commit(Txn(ops=(Put(kind="nodes", name="n1", value={"status": "NotReady"}),))))
+    await asyncio.sleep(0)  # let it start: the write is now under way in its thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.wait(0, timeout=5.0)
+    assert store.state.get("nodes", "n1") == {"status": "NotReady"}
+    await store.close()
+    reopened = SqliteStore(tmp_path / "state.db")
+    assert reopened.state.revision == store.state.revision == 1
+    await reopened.close()
+
+
+async def test_concurrent_commits_number_revisions_and_events_consistently(tmp_path: pathlib.Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    txns = [
+        Txn(ops=(Put(kind="nodes", name=f"n{i}", value={"i": i}),),
+            events=(NewEvent(time=0.0, type="Normal", reason="R", object=f"node/n{i}", message="m"),))
+        for i in range(20)
+    ]
+    revisions = await asyncio.gather(*(store.commit(t) for t in txns))
+    assert sorted(revisions) == list(range(1, 21))
+    await store.close()
+    reopened = SqliteStore(tmp_path / "state.db")
+    assert reopened.state.to_snapshot() == store.state.to_snapshot()
+    assert [e["seq"] for e in reopened.state.events_since(0)] == list(range(1, 21))
+    await reopened.close()
