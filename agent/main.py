@@ -62,13 +62,15 @@ class AgentConfig:
     dev: bool = False
     server: bool = False
     bind: str = "127.0.0.1"
-    advertise: str = ""  # defaults to bind (or 127.0.0.1 when bind is 0.0.0.0)
+    advertise: str = ""  # defaults to bind; required when bind is a wildcard (except --dev)
     grpc_port: int = DEFAULT_GRPC_PORT
     join: tuple[str, ...] = ()  # servers to reach (client agents)
     data_dir: pathlib.Path | None = None
     node_name: str = ""
     labels: tuple[tuple[str, str], ...] = ()
-    proxy_bind: str = ""  # defaults to bind
+    # Service ports listen on every address of a real host (like Swarm's routing mesh,
+    # so `curl 127.0.0.1:80` works there too) and on loopback only in --dev.
+    proxy_bind: str = ""
     drivers: tuple[str, ...] = ("docker", "process")
     seed: int | None = None  # fixes replica names and tie-breaks (tests)
     # Held back from scheduling so the host, the agent and its runtime keep room.
@@ -82,6 +84,14 @@ class AgentConfig:
         for d in self.drivers:
             if d not in ("docker", "process"):
                 raise ConfigError(f'unknown driver "{d}"; use docker or process')
+        # A wildcard bind says nothing about where other hosts reach this one; falling
+        # back to 127.0.0.1 would register the node (and its endpoints) at loopback, and
+        # other hosts' proxies would forward to their own loopback instead.
+        if not self.dev and not self.advertise and self.bind in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                f"--bind {self.bind or '0.0.0.0'} listens on every address, but other hosts need one "
+                "to reach this one: give --advertise ADDR (this host's IP)"
+            )
 
     @property
     def is_server(self) -> bool:
@@ -199,7 +209,8 @@ class AgentProcess:
             if shell_ref:
                 shell_ref[0].record_event(type_, reason, obj, message)
 
-        proxy = ServiceProxy(ProxyConfig(bind_host=cfg.proxy_bind or cfg.bind), rng=random.Random(self.rng.random()), on_event=on_event)
+        proxy_bind = cfg.proxy_bind or (cfg.bind if cfg.dev else "0.0.0.0")
+        proxy = ServiceProxy(ProxyConfig(bind_host=proxy_bind), rng=random.Random(self.rng.random()), on_event=on_event)
         identity = AgentIdentity(
             node=self.node_name,
             address=cfg.advertise_address,
