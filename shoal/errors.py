@@ -13,9 +13,12 @@
     │   └── (raft) LogCompacted, LogUnavailable, SnapshotOutOfDate, SnapshotTemporarilyUnavailable
     ├── Unavailable            the control plane cannot be reached or has no leader
     │   └── (raft) NotLeader(leader_hint), ProposalDropped
+    ├── (gossip) WireError(reason)  incoming gossip bytes refused and counted by reason
+    │   └── TruncatedPacket, OversizedPacket(size, limit), MalformedPacket, ForeignCluster(cluster)
     └── (raft) RaftInvariantError   a consensus invariant broke: a bug, fail loudly
             └── IllegalTransition
     (raft) ConfChangeRefused is a Conflict. The Raft errors live in shoal.leader.raft.errors.
+    The gossip wire errors live in shoal.agent.gossip_wire.
 
 Each error carries its context as keyword attributes and renders as one sentence a user
 can act on. gRPC status codes are chosen only at the API edge (`shoal.leader.api`), and

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 from google.protobuf import descriptor_pb2
 
-from shoal.v1 import agent_pb2, control_pb2, types_pb2
+from shoal.v1 import agent_pb2, control_pb2, gossip_pb2, raft_pb2, types_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def _canonical(fdp: descriptor_pb2.FileDescriptorProto) -> bytes:
 def test_generated_code_matches_proto_sources() -> None:
     compiled = _compiled()
     checked_in = {}
-    for module in (agent_pb2, control_pb2, types_pb2):
+    for module in (agent_pb2, control_pb2, gossip_pb2, raft_pb2, types_pb2):
         fdp = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
         checked_in[fdp.name] = _canonical(fdp)
     assert set(compiled) == set(checked_in), "a .proto file has no generated module (or vice versa)"
@@ -53,10 +53,12 @@ def test_generated_code_matches_proto_sources() -> None:
 
 
 def test_grpc_stubs_exist_for_every_service() -> None:
-    from shoal.v1 import agent_pb2_grpc, control_pb2_grpc
+    from shoal.v1 import agent_pb2_grpc, control_pb2_grpc, raft_pb2_grpc
 
     assert hasattr(control_pb2_grpc, "ControlStub")
     assert hasattr(agent_pb2_grpc, "AgentStub")
+    assert hasattr(raft_pb2_grpc, "RaftStub")
+    assert [m.name for m in raft_pb2.DESCRIPTOR.services_by_name["Raft"].methods] == ["Send", "SendSnapshot"]
     assert [m.name for m in control_pb2.DESCRIPTOR.services_by_name["Control"].methods] == [
         "Apply", "Get", "Delete", "Scale", "WatchEvents", "Logs",
     ]

@@ -27,6 +27,7 @@ PURE_CORES: list[str] = [
     "agent/probe_state.py",
     "agent/swim/**/*.py",
     "leader/raft/**/*.py",
+    "leader/replicated_state.py",
     "leader/scheduler/**/*.py",
     "leader/balancer/**/*.py",
 ]
