@@ -1,0 +1,628 @@
+"""`RaftStore`: the `Store` interface backed by the Raft core, replicated among servers.
+
+What it owns: a `Node` (the pure core), its `SqliteRaftStorage`, a `RaftTransport`, the
+replicated state machine (`ReplicatedState`: ClusterState + client sessions), a tick
+task and the Ready loop. It is the only place that awaits on the core's behalf.
+
+The Ready loop, in the order `Ready` prescribes:
+  1–3. persist the snapshot, the entries and the hard state in one SQLite transaction
+       on the I/O thread (fsync'd when `must_sync`), then publish them to the in-memory
+       view the core reads, and restore the state machine from a received snapshot;
+  4.   hand the messages to the transport (after persisting: "persist before send");
+  5.   apply committed entries: membership changes to the core, commands to the state
+       machine, resolving the `commit()` calls waiting on them;
+  6.   release ReadIndex reads once the state machine has applied their index;
+  7.   `advance`, then snapshot and compact when `snapshot_every` entries were applied.
+Messages, ticks and proposals arriving while a Ready is being persisted are stepped
+into the core at once (the core allows it); their effects come in the next Ready, so
+one fsync covers everything that arrived during the previous one (group commit).
+
+Rules:
+- `commit(txn)` on the leader proposes a command (client id, seq) and resolves when
+  that entry is *applied* here, with the revision it produced; on a follower it raises
+  `NotLeader(leader_hint=…)` — forwarding is the API layer's job (`leader_address`).
+  A proposal whose index is later applied with another term was lost in a leadership
+  change: `ProposalDropped`. No answer within `request_timeout` is `Unavailable`: the
+  write may or may not apply; retrying with the same client id and seq applies it at
+  most once (`replicated_state`).
+- `read_barrier()` is a linearizable read point (ReadIndex): once it returns, `state`
+  reflects every write acknowledged before it was called, on a leader or a follower.
+  A deposed leader cannot pass it (the core drops its pending reads; the call times out).
+- `close()` on the leader first hands leadership to the most up-to-date voter, so a
+  graceful restart costs no election timeout.
+- Errors from disk (`StoreError`) stop the node: it stops answering rather than
+  diverge, and every later call raises the same error.
+- Membership is a static table of voters (id → Raft address) for now, bootstrapped
+  into a new cluster with `bootstrap_entries`; a server with a non-empty log ignores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import pathlib
+import random
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from shoal.errors import ConfigError, ShoalError, StoreError, Unavailable
+from shoal.leader.raft import (
+    NONE,
+    ConfChange,
+    ConfChangeKind,
+    Config,
+    EntryKind,
+    Message,
+    Node,
+    NotLeader,
+    ProposalDropped,
+    Ready,
+    Role,
+    Status,
+    bootstrap_entries,
+)
+from shoal.leader.raft.config import election_timeout_seconds
+from shoal.leader.raft_storage import SqliteRaftStorage
+from shoal.leader.raft_transport import SERVER_OPTIONS, RaftTransport, TransportConfig
+from shoal.leader.replicated_state import Outcome, ReplicatedState, encode_command
+from shoal.leader.state import KINDS, ClusterState, Txn
+from shoal.leader.store import Store
+
+__all__ = ["RaftStoreConfig", "RaftStore"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RaftStoreConfig:
+    """Settings of a replicated store. Times in seconds."""
+
+    raft: Config = field(default_factory=lambda: Config(id=1))
+    """The core's settings; `id` and `applied` are set by the store."""
+
+    snapshot_every: int = 10_000
+    """Applied entries between two snapshots. A snapshot costs one serialization of the
+    whole state (a few ms per MB); 10,000 entries bound replay on restart to well under a
+    second and the log to tens of MB."""
+
+    snapshot_keep: int = 5_000
+    """Entries kept behind a snapshot, so a follower a little behind (a restart, a slow
+    disk) catches up from the log instead of receiving the whole state."""
+
+    request_timeout: float = 5.0
+    """How long `commit` and `read_barrier` wait for their answer before `Unavailable`:
+    several election timeouts, so a leader change during the call is ridden out."""
+
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    def validate(self) -> None:
+        self.raft.validate()
+        self.transport.validate()
+        if self.snapshot_every < 1:
+            raise ConfigError(f"raft: snapshot_every must be ≥ 1 entries, got {self.snapshot_every}")
+        if self.snapshot_keep < 0:
+            raise ConfigError(f"raft: snapshot_keep must be ≥ 0 entries, got {self.snapshot_keep}")
+        if self.request_timeout <= 0:
+            raise ConfigError(f"raft: request_timeout must be > 0 seconds, got {self.request_timeout}")
+
+
+class RaftStore(Store):
+    """A `Store` whose writes are committed by a Raft quorum before they are applied."""
+
+    def __init__(
+        self,
+        *,
+        node_id: int,
+        cluster_id: str,
+        peers: Mapping[int, str],
+        data_dir: pathlib.Path | str,
+        config: RaftStoreConfig | None = None,
+        server: grpc.aio.Server | None = None,
+        logger: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if node_id not in peers:
+            raise ConfigError(f"raft: server {node_id} is not in its own member table {sorted(peers)}")
+        self._sm = ReplicatedState()
+        super().__init__()
+        cfg = config or RaftStoreConfig()
+        cfg = replace(cfg, raft=replace(cfg.raft, id=node_id))
+        cfg.validate()
+        self.config = cfg
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.data_dir = pathlib.Path(data_dir)
+        self._log = (logger if logger is not None else structlog.get_logger("shoal.raft")).bind(node=node_id)
+        self._rng = rng or random.Random()
+        self._peers = dict(peers)
+        self._transport = RaftTransport(
+            cluster_id=cluster_id,
+            node_id=node_id,
+            peers=peers,
+            handler=self,
+            config=cfg.transport,
+            logger=self._log,
+            rng=random.Random(self._rng.getrandbits(64)),
+        )
+        self._own_server = server is None
+        self._server = server
+        if server is not None:
+            self._transport.add_to_server(server)
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-io-{node_id}")
+        self._storage: SqliteRaftStorage | None = None
+        self._node: Node | None = None
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._closed = False
+        self._failed: ShoalError | None = None
+        # Our own session: one client id per process lifetime, seqs from 1.
+        self._client_id = f"server-{node_id}-{uuid.uuid4().hex[:12]}"
+        self._seq = itertools.count(1)
+        self._outstanding: set[int] = set()
+        self._pending: dict[tuple[str, int], asyncio.Future[Outcome]] = {}
+        self._proposals: dict[int, tuple[int, tuple[str, int]]] = {}  # index -> (term, key)
+        self._reads: dict[bytes, asyncio.Future[int]] = {}
+        self._read_ids = itertools.count(1)
+        self._lead = NONE
+
+    # --- Store ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ClusterState:
+        return self._sm.state
+
+    @state.setter
+    def state(self, value: ClusterState) -> None:
+        self._sm.state = value
+
+    async def _persist(self, txn: Txn, state_after: ClusterState) -> None:
+        raise TypeError("RaftStore commits through the Raft log; _persist is never called")
+
+    async def commit(
+        self,
+        txn: Txn,
+        *,
+        client_id: str | None = None,
+        seq: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Commit `txn` through the log; returns the revision it produced once applied here.
+
+        `client_id`/`seq` make a retry safe: the same pair applies at most once, and a
+        retry of an applied write returns its original revision. Without them the
+        store's own session numbers the write. Raises `NotLeader` on a follower,
+        `ProposalDropped` if leadership moved under the write, `Unavailable` on timeout.
+        """
+        if not txn:
+            return self.state.revision
+        self._check_usable()
+        unknown = sorted({op.kind for op in txn.ops if op.kind not in KINDS})
+        if unknown:
+            raise StoreError(f"unknown kinds in transaction: {', '.join(unknown)}")
+        own = client_id is None
+        if own:
+            client_id, seq = self._client_id, next(self._seq)
+            self._outstanding.add(seq)
+        elif seq is None or seq < 1:
+            raise ValueError("commit with a client_id needs seq ≥ 1")
+        assert client_id is not None and seq is not None
+        try:
+            known = self._sm.sessions.lookup(client_id, seq)
+            if known is not None:
+                return self._result(known)
+            key = (client_id, seq)
+            fut = self._pending.get(key)
+            if fut is None:
+                node = self._require_node()
+                if not node.is_leader:
+                    raise NotLeader(node.lead)
+                first_unacked = min(self._outstanding) if own else seq
+                index = node.propose(encode_command(client_id, seq, first_unacked, txn))
+                fut = _future()
+                self._pending[key] = fut
+                replaced = self._proposals.get(index)
+                if replaced is not None:
+                    # An earlier proposal of ours at this index was truncated away by a
+                    # leader of another term (we are leading again): it is lost.
+                    self._drop(replaced[1])
+                self._proposals[index] = (node.term, key)
+                self._wake.set()
+            try:
+                outcome = await asyncio.wait_for(
+                    asyncio.shield(fut), timeout if timeout is not None else self.config.request_timeout
+                )
+            except TimeoutError:
+                if self._pending.get(key) is fut:
+                    del self._pending[key]
+                raise Unavailable(
+                    f"write {client_id}/{seq} was not confirmed in time (no quorum?); it may or may "
+                    "not apply: retry with the same client id and seq"
+                ) from None
+            return self._result(outcome)
+        finally:
+            if own:
+                self._outstanding.discard(seq)
+
+    def _result(self, outcome: Outcome) -> int:
+        if outcome.error is not None:
+            raise StoreError(outcome.error)
+        return outcome.revision
+
+    async def read_barrier(self, timeout: float | None = None) -> int:
+        """Wait until `state` is at least as new as any write acknowledged before this call.
+
+        Works on followers too (the leader confirms its commit index by a heartbeat
+        round). Returns the revision then visible. Raises `NotLeader(0)` when no leader
+        is known, `Unavailable` when none confirms in time.
+        """
+        self._check_usable()
+        node = self._require_node()
+        ctx = f"{self._client_id}:{next(self._read_ids)}".encode()
+        fut: asyncio.Future[int] = _future()
+        self._reads[ctx] = fut
+        try:
+            node.read_index(ctx)
+            self._wake.set()
+            index = await asyncio.wait_for(
+                asyncio.shield(fut), timeout if timeout is not None else self.config.request_timeout
+            )
+        except TimeoutError:
+            raise Unavailable("no leader confirmed a read point in time; retry") from None
+        finally:
+            self._reads.pop(ctx, None)
+        try:
+            await self.wait_for(lambda: self._sm.applied >= index, timeout=self.config.request_timeout)
+        except TimeoutError:
+            raise Unavailable(f"this server did not apply up to the read point {index} in time; retry") from None
+        return self.state.revision
+
+    # --- views ---------------------------------------------------------------------------
+
+    @property
+    def leader_id(self) -> int:
+        """The leader this server knows of, or 0."""
+        return self._node.lead if self._node is not None else NONE
+
+    @property
+    def is_leader(self) -> bool:
+        return self._node is not None and self._node.is_leader and not self._closed
+
+    @property
+    def applied_index(self) -> int:
+        return self._sm.applied
+
+    @property
+    def snapshot_index(self) -> int:
+        """Index of the latest snapshot this server holds (0: none yet)."""
+        return self._storage.snapshot().index if self._storage is not None else 0
+
+    @property
+    def members(self) -> Mapping[int, str]:
+        """Member id → Raft address, as configured."""
+        return dict(self._peers)
+
+    def leader_address(self, members: Mapping[int, str] | None = None) -> str | None:
+        """The leader's address in `members` (default: the Raft member table), or None.
+
+        The API layer forwards a write that raised `NotLeader` to this address; when the
+        Raft and API services share one gRPC server the default table is the answer.
+        """
+        lead = self.leader_id
+        if lead == NONE:
+            return None
+        return (members if members is not None else self._peers).get(lead)
+
+    def status(self) -> Status:
+        return self._require_node().status()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        """Wait until `predicate()` holds, re-checked after every Ready; `TimeoutError` if not."""
+
+        async def _wait() -> None:
+            while not predicate():
+                await self._progress.wait()
+
+        await asyncio.wait_for(_wait(), timeout)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open (or bootstrap) the log, start serving, start ticking."""
+        loop = asyncio.get_running_loop()
+        raft_dir = self.data_dir / "raft"
+        storage = await loop.run_in_executor(
+            self._io,
+            functools.partial(SqliteRaftStorage, raft_dir, cluster_id=self.cluster_id, node_id=self.node_id,
+                              logger=self._log),
+        )
+        self._storage = storage
+        if storage.last_index() == 0 and storage.hard_state.is_empty() and storage.snapshot().is_empty():
+            entries, hs = bootstrap_entries(self._peers)
+            await self._on_io(functools.partial(storage.write, entries=entries, hard_state=hs))
+            storage.publish(entries=entries, hard_state=hs)
+            self._log.info("raft.bootstrapped", voters=sorted(self._peers), cluster=self.cluster_id)
+        snap = storage.snapshot()
+        self._sm.restore(snap.data, snap.index)
+        self._node = Node(
+            replace(self.config.raft, applied=snap.index),
+            storage,
+            rng=random.Random(self._rng.getrandbits(64)),
+            logger=self._log,
+        )
+        if self._own_server:
+            server = grpc.aio.server(options=SERVER_OPTIONS)
+            self._transport.add_to_server(server)
+            address = self._peers[self.node_id]
+            if server.add_insecure_port(address) == 0:
+                raise ConfigError(f"raft: cannot listen on {address}")
+            await server.start()
+            self._server = server
+        await self._transport.start()
+        self._tasks = [
+            asyncio.create_task(self._ready_loop(), name=f"raft-ready-{self.node_id}"),
+            asyncio.create_task(self._ticker(), name=f"raft-tick-{self.node_id}"),
+        ]
+        self._wake.set()
+
+    async def close(self, *, transfer_leadership: bool = True) -> None:
+        """Stop this server; a leader first hands over (unless `transfer_leadership=False`,
+        which is what a crash looks like to the others)."""
+        if self._closed:
+            return
+        node = self._node
+        if transfer_leadership and node is not None and node.is_leader and self._failed is None:
+            await self._hand_over(node)
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            if task.get_name().startswith("raft-tick"):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_server and self._server is not None:
+            await self._server.stop(grace=None)
+        await self._transport.close()
+        self._fail_all(Unavailable(f"Raft server {self.node_id} is shutting down; retry on another server"))
+        if self._storage is not None:
+            await self._on_io(self._storage.close)
+        self._io.shutdown(wait=True)
+        self._log.info("raft.stopped")
+
+    async def _hand_over(self, node: Node) -> None:
+        progress = node.status().progress
+        voters = node.conf_state().voters
+        candidates = sorted(
+            (pr.match, id) for id, pr in progress.items() if id != self.node_id and id in voters and pr.recent_active
+        )
+        if not candidates:
+            return
+        target = candidates[-1][1]
+        self._log.info("raft.transferring_leadership", to=target)
+        node.transfer_leadership(target)
+        self._wake.set()
+        _, high = election_timeout_seconds(self.config.raft)
+        try:
+            await self.wait_for(lambda: not node.is_leader, timeout=high)
+        except TimeoutError:
+            self._log.warning("raft.transfer_timed_out", to=target)
+
+    # --- transport callbacks (RaftHandler) ---------------------------------------------------
+
+    def deliver(self, messages: Sequence[Message]) -> None:
+        node = self._node
+        if node is None or self._closed or self._failed is not None:
+            return
+        for m in messages:
+            try:
+                node.step(m)
+            except ShoalError as exc:  # e.g. a MsgProp from a peer that thinks we lead
+                self._log.debug("raft.step_refused", src=m.src, error=str(exc))
+        self._wake.set()
+
+    def report_unreachable(self, id: int) -> None:
+        if self._node is not None and not self._closed:
+            self._node.report_unreachable(id)
+            self._wake.set()
+
+    def report_snapshot(self, id: int, ok: bool) -> None:
+        if self._node is not None and not self._closed:
+            self._node.report_snapshot(id, ok)
+            self._wake.set()
+
+    # --- the loops -----------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        node = self._require_node()
+        loop = asyncio.get_running_loop()
+        interval = self.config.raft.tick_interval
+        next_at = loop.time() + interval
+        while not self._closed:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            node.tick()
+            self._wake.set()
+            next_at += interval
+            if loop.time() > next_at:
+                # The loop stalled: skip the missed ticks rather than firing them in a
+                # burst, which would start an election the moment the stall ends.
+                next_at = loop.time() + interval
+
+    async def _ready_loop(self) -> None:
+        node = self._require_node()
+        try:
+            while not self._stopping:
+                await self._wake.wait()
+                self._wake.clear()
+                while not self._stopping and node.has_ready():
+                    rd = node.ready()
+                    await self._handle_ready(node, rd)
+                    node.advance(rd)
+                    await self._maybe_snapshot(node)
+                    self._signal_progress()
+                self._signal_progress()
+        except ShoalError as exc:
+            self._failed = exc
+            self._log.error("raft.stopped_on_error", error=str(exc))
+            self._fail_all(exc)
+            self._signal_progress()
+        except Exception as exc:
+            self._failed = StoreError(f"Raft server {self.node_id} stopped on an internal error: {exc!r}")
+            self._log.exception("raft.stopped_on_error")
+            self._fail_all(self._failed)
+            self._signal_progress()
+
+    def _signal_progress(self) -> None:
+        ev = self._progress
+        self._progress = asyncio.Event()
+        ev.set()
+
+    async def _handle_ready(self, node: Node, rd: Ready) -> None:
+        storage = self._storage
+        assert storage is not None
+        if rd.soft_state is not None:
+            self._on_soft_state(node, rd)
+        # 1–3: persist, fsync'd when must_sync, before anything leaves this node.
+        if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+            await self._on_io(
+                functools.partial(
+                    storage.write,
+                    snapshot=rd.snapshot,
+                    entries=rd.entries,
+                    hard_state=rd.hard_state,
+                    sync=rd.must_sync,
+                )
+            )
+            storage.publish(snapshot=rd.snapshot, entries=rd.entries, hard_state=rd.hard_state)
+        if rd.snapshot is not None:
+            await self._restore(rd.snapshot.data, rd.snapshot.index)
+        # 4: send.
+        if rd.messages:
+            self._transport.send(rd.messages)
+        # 5: apply.
+        revision = self._sm.state.revision
+        for e in rd.committed_entries:
+            if e.kind is EntryKind.CONF_CHANGE:
+                cc = ConfChange.decode(e.data)
+                node.apply_conf_change(cc)
+                self._on_conf_change(cc)
+                self._sm.apply_noop(e.index)
+                outcome = None
+            elif not e.data:
+                self._sm.apply_noop(e.index)
+                outcome = None
+            else:
+                outcome = self._sm.apply(e.index, e.data)
+            self._settle(e.index, e.term, outcome)
+        if self._sm.state.revision != revision:
+            async with self._changed:
+                self._changed.notify_all()
+        # 6: reads.
+        for rs in rd.read_states:
+            fut = self._reads.get(rs.context)
+            if fut is not None and not fut.done():
+                fut.set_result(rs.index)
+
+    def _on_soft_state(self, node: Node, rd: Ready) -> None:
+        ss = rd.soft_state
+        assert ss is not None
+        if ss.lead != self._lead:
+            self._lead = ss.lead
+            self._log.info("raft.leader_changed", lead=ss.lead, term=node.term, role=ss.role.name.lower())
+        if ss.role is not Role.LEADER:
+            # Proposals in flight may still commit under the new leader; they settle
+            # when their index is applied (or time out). Nothing to fail here.
+            pass
+
+    def _on_conf_change(self, cc: ConfChange) -> None:
+        if cc.kind is ConfChangeKind.REMOVE_NODE:
+            self._peers.pop(cc.node_id, None)
+            self._transport.remove_peer(cc.node_id)
+        elif cc.context:
+            address = cc.context.decode()
+            self._peers[cc.node_id] = address
+            self._transport.set_peer(cc.node_id, address)
+
+    def _settle(self, index: int, term: int, outcome: Outcome | None) -> None:
+        if outcome is not None and outcome.client_id:
+            fut = self._pending.pop((outcome.client_id, outcome.seq), None)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome)
+        proposal = self._proposals.pop(index, None)
+        if proposal is not None and proposal[0] != term:
+            # Our proposal at this index was overwritten by another leader's entry.
+            self._drop(proposal[1])
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        fut = self._pending.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ProposalDropped("leadership changed before the write committed; retry"))
+
+    async def _restore(self, data: bytes, index: int) -> None:
+        self._sm.restore(data, index)
+        self._log.info("raft.state_restored", index=index, revision=self._sm.state.revision)
+        # Proposals covered by the snapshot: the sessions say which of them applied.
+        for i in [i for i in self._proposals if i <= index]:
+            _, key = self._proposals.pop(i)
+            known = self._sm.sessions.lookup(*key)
+            fut = self._pending.get(key)
+            if known is None:
+                self._drop(key)
+            elif fut is not None:
+                del self._pending[key]
+                if not fut.done():
+                    fut.set_result(known)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _maybe_snapshot(self, node: Node) -> None:
+        storage = self._storage
+        assert storage is not None
+        applied = self._sm.applied
+        if applied - storage.snapshot().index < self.config.snapshot_every:
+            return
+        data = self._sm.snapshot()
+        snap = await self._on_io(functools.partial(storage.write_snapshot, applied, node.conf_state(), data))
+        storage.publish_snapshot(snap)
+        compact_to = applied - self.config.snapshot_keep
+        if compact_to > 0 and await self._on_io(functools.partial(storage.write_compaction, compact_to)):
+            storage.publish_compaction(compact_to)
+        self._log.info("raft.snapshot_created", index=applied, bytes=len(data), compacted_to=max(compact_to, 0))
+
+    # --- helpers -------------------------------------------------------------------------
+
+    async def _on_io(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+
+    def _require_node(self) -> Node:
+        if self._node is None:
+            raise Unavailable(f"Raft server {self.node_id} is not started")
+        return self._node
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise Unavailable(f"Raft server {self.node_id} is shut down; retry on another server")
+
+    def _fail_all(self, exc: ShoalError) -> None:
+        """Fail every waiting call (the store stopped)."""
+        for fut in list(self._pending.values()) + list(self._reads.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        self._proposals.clear()
+
+
+def _future() -> asyncio.Future[Any]:
+    """A future whose exception counts as retrieved: its caller may have timed out."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
