@@ -8,9 +8,18 @@ Rules:
   and lower revision) is ignored.
 - Status goes up as a full report whenever it changes, and at least every
   `report_interval` seconds.
-- A replica is ready once its published port accepts a TCP connection (the default
-  readiness check for replicas without a readiness probe); it stops being ready when it
-  exits.
+- Readiness: a replica with a readiness probe is ready while the probe says so
+  (`shoal.agent.probe_state`); one without is ready once its published port accepts a
+  TCP connection (the default check, run once). Either way, not before its startup
+  probe passed, and never once it exits.
+- Losing readiness is reported at once: the proxy drops the endpoint's waiting
+  connections and the reconcile loop wakes, so the leader hears it and every table
+  loses the endpoint within one probe period plus about a second.
+- A replica that fails its liveness or startup probe `failureThreshold` times in a row
+  is reported (Warning `Unhealthy`), taken out of readiness and killed through the
+  reconciler, which restarts it with its crash back-off.
+- One supervising task per running replica incarnation runs its probes (or the default
+  check); it is cancelled when the replica stops, changes handle or changes probes.
 """
 
 from __future__ import annotations
@@ -25,12 +34,16 @@ from typing import Any
 import grpc
 import structlog
 
+from shoal.agent.probe_state import Change, ReadinessChanged, ReplicaProbes, Restart, Role, Started
+from shoal.agent.probes import ProbeExecutor, ProbeResult, run_probes
 from shoal.agent.proxy import ServiceProxy
 from shoal.agent.reconciler import Reconciler
-from shoal.model import Driver, Resources, RunSpec
+from shoal.agent.runtime.base import Observed
+from shoal.errors import ShoalError
+from shoal.model import Driver, Probe, ProbeKind, Resources, RunSpec
 from shoal.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
-__all__ = ["AgentIdentity", "AgentShell", "run_spec_from_pb"]
+__all__ = ["AgentIdentity", "AgentShell", "probe_from_pb", "run_spec_from_pb"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +56,31 @@ class AgentIdentity:
     version: str = ""
 
 
+def probe_from_pb(p: agent_pb2.Probe) -> Probe:
+    """The model form of a wire probe; ValueError for a kind this agent does not know."""
+    return Probe(
+        kind=ProbeKind(p.kind),
+        port=p.port or None,
+        path=p.path or "/",
+        command=tuple(p.command),
+        service=p.service,
+        initial_delay_seconds=p.initial_delay_seconds,
+        period_seconds=p.period_seconds,
+        timeout_seconds=p.timeout_seconds,
+        success_threshold=p.success_threshold,
+        failure_threshold=p.failure_threshold,
+    )
+
+
+def _probe_field(s: agent_pb2.RunSpec, name: str) -> Probe | None:
+    if not s.HasField(name):
+        return None
+    return probe_from_pb(getattr(s, name))
+
+
 def run_spec_from_pb(a: agent_pb2.Assignment) -> RunSpec:
+    """The model form of an assignment; ValueError when it asks for what this agent
+    cannot do (an unknown driver or probe kind), rather than running it half-way."""
     s = a.spec
     return RunSpec(
         replica_id=a.replica_id,
@@ -57,6 +94,9 @@ def run_spec_from_pb(a: agent_pb2.Assignment) -> RunSpec:
         container_port=s.container_port or None,
         host_port=a.host_port or None,
         limits=Resources(cpu_millis=s.limits.cpu_millis or None, memory_bytes=s.limits.memory_bytes or None),
+        liveness=_probe_field(s, "liveness"),
+        readiness=_probe_field(s, "readiness"),
+        startup=_probe_field(s, "startup"),
     )
 
 
@@ -84,11 +124,14 @@ class AgentShell:
         self._fence: tuple[int, int] = (0, -1)
         self._tables_revision = -1
         self.ready: dict[str, str] = {}  # replica id → the handle found ready
+        # One supervising task per running replica (probes, or the default check), and
+        # what it was started for: a new handle or new probes need a new one.
         self._checks: dict[str, asyncio.Task[None]] = {}
-        self._checks_handle: dict[str, str] = {}
+        self._checks_key: dict[str, tuple[str, tuple[Probe | None, ...]]] = {}
         self._wake = asyncio.Event()
         self._report_dirty = asyncio.Event()
         self._pending_events: list[types_pb2.Event] = []
+        self._unsupported: set[str] = set()  # replica ids already reported as unsupported
         self.connected = asyncio.Event()
         self.tables: list[types_pb2.Table] = []
 
@@ -136,8 +179,12 @@ class AgentShell:
             deadline = self.reconciler.next_deadline()
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - self._clock()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and this loop (woken often by probes)
+            # would then outlive its cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.reconciler.reconcile()
@@ -157,20 +204,97 @@ class AgentShell:
         for rid in list(self.ready):
             obs = observed.get(rid)
             if rid not in desired or obs is None or not obs.running or obs.handle != self.ready[rid]:
-                del self.ready[rid]
-                self.proxy.endpoint_down(rid)
-                self._wake.set()
+                self._not_ready(rid)
         for rid in list(self._checks):
             obs = observed.get(rid)
-            if rid not in desired or obs is None or not obs.running or self._checks[rid].done() or self._checks_handle.get(rid) != obs.handle:
+            spec = desired.get(rid)
+            if (
+                spec is None or obs is None or not obs.running or self._checks[rid].done()
+                or self._checks_key.get(rid) != _check_key(obs.handle, spec)
+            ):
                 task = self._checks.pop(rid)
+                self._checks_key.pop(rid, None)
                 task.cancel()
         for rid, spec in desired.items():
             obs = observed.get(rid)
-            if obs is None or not obs.running or self.ready.get(rid) or rid in self._checks:
+            if obs is None or not obs.running or rid in self._checks:
                 continue
-            self._checks[rid] = asyncio.create_task(self._check_ready(rid, spec, obs.handle))
-            self._checks_handle[rid] = obs.handle
+            if self.ready.get(rid) == obs.handle and not _probes_of(spec):
+                continue  # the default check is done for this incarnation
+            self._checks[rid] = asyncio.create_task(self._supervise(rid, spec, obs), name=f"agent-probes-{rid}")
+            self._checks_key[rid] = _check_key(obs.handle, spec)
+
+    def _not_ready(self, rid: str) -> None:
+        """Take a replica out of readiness now; the next report tells the leader."""
+        if self.ready.pop(rid, None) is not None:
+            self.proxy.endpoint_down(rid)
+            self._wake.set()
+
+    async def _supervise(self, rid: str, spec: RunSpec, obs: Observed) -> None:
+        """Readiness and health of one running incarnation, until cancelled or killed."""
+        handle = obs.handle
+        try:
+            if not _probes_of(spec):
+                await self._check_ready(rid, spec, handle)
+                return
+            now = self._clock()
+            try:
+                machine = ReplicaProbes(
+                    started_at=min(obs.started_at or now, now),
+                    startup=spec.startup, liveness=spec.liveness, readiness=spec.readiness,
+                )
+            except ShoalError as exc:
+                self.record_event("Warning", "FailedProbe", f"pod/{rid}", f"probes not run: {exc}")
+                await self._check_ready(rid, spec, handle)
+                return
+            await self._run_probes(rid, spec, handle, machine)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the agent down; retried next pass
+            self._log.error("agent.probes_failed", replica=rid, error=repr(exc))
+            self._wake.set()
+
+    async def _run_probes(self, rid: str, spec: RunSpec, handle: str, machine: ReplicaProbes) -> None:
+        runtime = self.reconciler.runtimes[spec.driver]
+        executor = ProbeExecutor(spec, runtime, self.identity.address)
+        default_check: asyncio.Task[None] | None = None
+
+        def started() -> None:
+            nonlocal default_check
+            if spec.readiness is None and default_check is None:
+                default_check = asyncio.create_task(self._check_ready(rid, spec, handle))
+
+        async def on_changes(role: Role, result: ProbeResult, changes: tuple[Change, ...]) -> None:
+            nonlocal default_check
+            for change in changes:
+                if isinstance(change, Started):
+                    self._log.info("agent.replica_started", replica=rid, probe=result.message)
+                    started()
+                elif isinstance(change, ReadinessChanged) and change.ready:
+                    self.ready[rid] = handle
+                    self._log.info("agent.replica_ready", replica=rid, probe=result.message)
+                    self._wake.set()
+                elif isinstance(change, ReadinessChanged):
+                    self._log.info("agent.replica_not_ready", replica=rid, probe=change.message)
+                    self._not_ready(rid)
+                    self.record_event("Warning", "Unhealthy", f"pod/{rid}", f"Readiness probe failed: {change.message}")
+                elif isinstance(change, Restart):
+                    if default_check is not None:
+                        default_check.cancel()
+                    self._not_ready(rid)
+                    why = f"{change.role.label} probe failed {change.failures} time{'s' if change.failures != 1 else ''} in a row: {change.message}"
+                    self.record_event("Warning", "Unhealthy", f"pod/{rid}", f"{why}; restarting")
+                    self._log.warning("agent.replica_unhealthy", replica=rid, reason=why)
+                    await self.reconciler.kill(rid, why, handle=handle)
+                    self._wake.set()
+
+        if machine.started:
+            started()
+        try:
+            await run_probes(machine, executor.run, on_changes, clock=self._clock)
+        finally:
+            if default_check is not None:
+                default_check.cancel()
 
     async def _check_ready(self, rid: str, spec: RunSpec, handle: str) -> None:
         """Default readiness: the published port accepts a connection (polled)."""
@@ -181,7 +305,8 @@ class AgentShell:
         delay = 0.05
         while True:
             try:
-                _, w = await asyncio.wait_for(asyncio.open_connection(self.identity.address, spec.host_port), 1.0)
+                async with asyncio.timeout(1.0):
+                    _, w = await asyncio.open_connection(self.identity.address, spec.host_port)
                 w.close()
                 self.ready[rid] = handle
                 self._log.info("agent.replica_ready", replica=rid, port=spec.host_port)
@@ -250,7 +375,8 @@ class AgentShell:
             self._report_dirty.clear()
             yield agent_pb2.AgentMessage(status=report)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_dirty.wait(), self.report_interval)
+                async with asyncio.timeout(self.report_interval):
+                    await self._report_dirty.wait()
 
     def _on_assignments(self, a: agent_pb2.Assignments) -> None:
         fence = (a.term, a.revision)
@@ -258,7 +384,18 @@ class AgentShell:
             self._log.warning("agent.stale_assignments_ignored", term=a.term, revision=a.revision, current=self._fence)
             return
         self._fence = fence
-        desired = {x.replica_id: run_spec_from_pb(x) for x in a.assignments}
+        desired: dict[str, RunSpec] = {}
+        for x in a.assignments:
+            try:
+                desired[x.replica_id] = run_spec_from_pb(x)
+            except ValueError as exc:
+                # A newer leader asking for something this agent cannot do: not run at
+                # all rather than run without it (a probe silently dropped). Said once.
+                if x.replica_id not in self._unsupported:
+                    self._unsupported.add(x.replica_id)
+                    self._log.warning("agent.assignment_unsupported", replica=x.replica_id, error=str(exc))
+                    self.record_event("Warning", "Unsupported", f"pod/{x.replica_id}",
+                                      f"agent {self.identity.node} (version {self.identity.version or '?'}) cannot run it: {exc}")
         self.reconciler.set_desired(desired)
         self._log.info("agent.assignments", count=len(desired), term=a.term, revision=a.revision)
         self._wake.set()
@@ -269,3 +406,13 @@ class AgentShell:
         self._tables_revision = t.revision
         self.tables = list(t.tables)
         await self.proxy.update(t.tables)
+
+
+def _probes_of(spec: RunSpec) -> tuple[Probe | None, ...] | None:
+    """The replica's probes, or None when it has none (the default check applies)."""
+    probes = (spec.startup, spec.liveness, spec.readiness)
+    return probes if any(p is not None for p in probes) else None
+
+
+def _check_key(handle: str, spec: RunSpec) -> tuple[str, tuple[Probe | None, ...]]:
+    return (handle, (spec.startup, spec.liveness, spec.readiness))

@@ -29,9 +29,10 @@ from shoal.leader.store import Store
 from shoal.leader import convert
 from shoal.leader.controller import Controller
 from shoal.leader.records import DeploymentRecord
+from shoal.model import Probe
 from shoal.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
-__all__ = ["AgentService", "apply_report", "assignments_for"]
+__all__ = ["AgentService", "apply_report", "assignments_for", "probe_pb"]
 
 _PHASES = {
     "starting": Phase.STARTING,
@@ -70,6 +71,22 @@ def apply_report(state: ClusterState, node: str, report: agent_pb2.StatusReport,
     return Txn(ops=tuple(ops), events=tuple(events))
 
 
+def probe_pb(p: Probe) -> agent_pb2.Probe:
+    """The wire form of a probe (the agent converts back in `run_spec_from_pb`)."""
+    return agent_pb2.Probe(
+        kind=p.kind.value,
+        port=p.port or 0,
+        path=p.path,
+        command=list(p.command),
+        service=p.service,
+        initial_delay_seconds=p.initial_delay_seconds,
+        period_seconds=p.period_seconds,
+        timeout_seconds=p.timeout_seconds,
+        success_threshold=p.success_threshold,
+        failure_threshold=p.failure_threshold,
+    )
+
+
 def assignments_for(state: ClusterState, controller: Controller, node: str, term: int) -> agent_pb2.Assignments:
     """The full set of replicas `node` must run, as of `state`."""
     out = agent_pb2.Assignments(term=term, revision=state.revision)
@@ -92,6 +109,9 @@ def assignments_for(state: ClusterState, controller: Controller, node: str, term
             limits=types_pb2.Resources(cpu_millis=c.limits.cpu_millis or 0, memory_bytes=c.limits.memory_bytes or 0),
         )
         run.env.update(dict(c.env))
+        for field, probe in (("liveness", c.liveness_probe), ("readiness", c.readiness_probe), ("startup", c.startup_probe)):
+            if probe is not None:
+                getattr(run, field).CopyFrom(probe_pb(probe))
         out.assignments.append(
             agent_pb2.Assignment(replica_id=r.id, deployment=r.deployment, generation=r.generation, host_port=r.host_port, spec=run)
         )

@@ -62,6 +62,8 @@ class Placement(enum.Enum):
 
 
 class ProbeKind(enum.Enum):
+    """How a probe checks a replica: HTTP GET, TCP connect, a command, gRPC health."""
+
     HTTP = "http"
     TCP = "tcp"
     EXEC = "exec"
@@ -197,7 +199,8 @@ class RunSpec:
     """What an agent's runtime driver needs to run one replica.
 
     `host_port` is where the replica must be reachable on the host: Docker publishes
-    `container_port` there; the process driver sets `PORT` to it.
+    `container_port` there; the process driver sets `PORT` to it. The probes are the
+    container's, run by the agent (`shoal.agent.probes`); None: not probed.
     """
 
     replica_id: str
@@ -211,3 +214,6 @@ class RunSpec:
     container_port: int | None = None
     host_port: int | None = None
     limits: Resources = field(default_factory=Resources)
+    liveness: Probe | None = None
+    readiness: Probe | None = None
+    startup: Probe | None = None

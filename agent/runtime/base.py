@@ -9,11 +9,12 @@ Rules:
   already exists (running or exited) replaces the old one.
 - `stop()` is idempotent: stopping what is already gone is not an error.
 - Methods are coroutines; blocking SDK calls run in a worker thread inside the driver.
+- `exec()` and `address()` serve the agent's probes; they never change what runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +58,21 @@ class Runtime(Protocol):
 
     async def stop(self, replica_id: str, *, timeout: float = 10.0) -> None:
         """Stop (SIGTERM, then SIGKILL after `timeout`) and remove a replica."""
+        ...
+
+    async def exec(self, replica_id: str, command: Sequence[str], timeout: float) -> int:
+        """Run `command` as the replica would (its container; for a process, its
+        environment and working directory) and return its exit status.
+
+        For exec probes. Raises `NotFound` when the replica is not running and
+        `RuntimeDriverError` when the command cannot be run or does not finish within
+        `timeout` seconds.
+        """
+        ...
+
+    async def address(self, replica_id: str, container_port: int) -> tuple[str, int]:
+        """Where this host reaches `container_port` of the replica directly, not through
+        its published host port (for probes of a port that is not published)."""
         ...
 
     def logs(self, replica_id: str, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[bytes]:

@@ -26,6 +26,8 @@ Rules:
     timeouts (requests, urllib3, socket)         RuntimeUnavailable
     connection errors (requests, urllib3, OS)    RuntimeUnavailable
     anything else                                RuntimeDriverError
+- `exec()` (exec probes) is `docker exec`, detached and polled; `address()` is the
+  container's IP on its network, for probes of a port that is not published.
 - Every blocking SDK call runs in a worker thread (`asyncio.to_thread`). The event loop
   never touches the Docker socket.
 
@@ -45,7 +47,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -147,9 +149,10 @@ def _port_in_use(exc: BaseException, ctx: _Context) -> ShoalError:
 
 
 def _command_missing(exc: BaseException, ctx: _Context) -> ShoalError:
+    where = f"image {ctx.image}" if ctx.image else "its container"  # no image: an exec
     return RuntimeDriverError(
-        f"replica {ctx.replica_id or '?'}: the command cannot be run in image "
-        f"{ctx.image or '?'} (docker: {_explanation(exc)})"
+        f"replica {ctx.replica_id or '?'}: the command cannot be run in {where} "
+        f"(docker: {_explanation(exc)})"
     )
 
 
@@ -533,6 +536,53 @@ class DockerRuntime:
             pass
         await self._remove(api, name, ctx)
         self._log.info("runtime.container_stopped", replica=replica_id, node=self.node_name)
+
+    async def exec(self, replica_id: str, command: Sequence[str], timeout: float) -> int:
+        """`docker exec` of `command` in the replica's container; its exit status.
+
+        Started detached and polled with `exec_inspect` (every 10 ms, backing off to
+        200 ms), so no worker thread waits on a command that hangs. Docker cannot kill an
+        exec'd process, so one that overstays `timeout` is left to finish on its own.
+        """
+        if not command:
+            raise RuntimeDriverError(f"replica {replica_id}: an exec probe needs a command")
+        ctx = _Context(replica_id=replica_id)
+        api = await self._api()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        created = await self._call(
+            ctx, api.exec_create, container_name(replica_id), list(command), stdout=False, stderr=False
+        )
+        exec_id = str(created["Id"])
+        await self._call(ctx, api.exec_start, exec_id, detach=True)
+        delay = 0.01
+        while True:
+            info = await self._call(ctx, api.exec_inspect, exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RuntimeDriverError(
+                    f'replica {replica_id}: "{command[0]}" did not finish within {timeout:g} s'
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.2)
+
+    async def address(self, replica_id: str, container_port: int) -> tuple[str, int]:
+        """The container's own IP address (the host reaches it over the bridge) and the
+        port as written; loopback for a container on the host's network."""
+        ctx = _Context(replica_id=replica_id)
+        api = await self._api()
+        info = await self._call(ctx, api.inspect_container, container_name(replica_id))
+        settings: dict[str, Any] = info.get("NetworkSettings") or {}
+        ip = settings.get("IPAddress") or next(
+            (n.get("IPAddress") for n in (settings.get("Networks") or {}).values() if n.get("IPAddress")), ""
+        )
+        if not ip:
+            if (info.get("HostConfig") or {}).get("NetworkMode") == "host":
+                return ("127.0.0.1", container_port)
+            raise RuntimeDriverError(f"replica {replica_id}: its container has no IP address to probe")
+        return (str(ip), container_port)
 
     async def logs(
         self, replica_id: str, *, follow: bool = False, tail: int | None = None

@@ -9,7 +9,8 @@ Rules:
   1000.0 that advances by one per start), never from the wall clock.
 - Tests drive the world through helpers: `crash()` a replica, `adopt()` one that "was
   already running" before the agent started, `fail_next_start()` to make a start fail,
-  `write_log()` to give a replica output.
+  `write_log()` to give a replica output, `set_exec()` to decide what an exec probe's
+  command returns (exit status 0 unless told).
 - Every protocol call is appended to `calls` as `(method, argument)`, so a test can
   assert what the reconciler did and in which order.
 """
@@ -17,7 +18,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,6 +61,8 @@ class FakeRuntime:
         self._start_failures: list[tuple[str | None, ShoalError]] = []
         self._subscribers: set[asyncio.Queue[str | None]] = set()
         self._log_waiters: set[asyncio.Event] = set()
+        # replica id (None: any) → exit status, or the error `exec()` raises
+        self._exec_results: dict[str | None, int | ShoalError] = {}
 
     # -- test helpers
 
@@ -90,6 +93,11 @@ class FakeRuntime:
         for event in self._log_waiters:
             event.set()
 
+    def set_exec(self, result: int | ShoalError, replica_id: str | None = None) -> None:
+        """What `exec()` in `replica_id` (or in any replica) returns from now on: an exit
+        status, or an error to raise (a `RuntimeDriverError` stands for a timeout too)."""
+        self._exec_results[replica_id] = result
+
     def running_ids(self) -> set[str]:
         """Ids of the replicas running now."""
         return {rid for rid, r in self.replicas.items() if r.observed.running}
@@ -119,6 +127,22 @@ class FakeRuntime:
         self.calls.append(("stop", replica_id))
         if self.replicas.pop(replica_id, None) is not None:
             self._announce(replica_id)
+
+    async def exec(self, replica_id: str, command: Sequence[str], timeout: float) -> int:
+        self.calls.append(("exec", (replica_id, tuple(command))))
+        replica = self.replicas.get(replica_id)
+        if replica is None or not replica.observed.running:
+            raise NotFound("replica", replica_id)
+        result = self._exec_results.get(replica_id, self._exec_results.get(None, 0))
+        if isinstance(result, ShoalError):
+            raise result
+        return result
+
+    async def address(self, replica_id: str, container_port: int) -> tuple[str, int]:
+        self.calls.append(("address", (replica_id, container_port)))
+        if replica_id not in self.replicas:
+            raise NotFound("replica", replica_id)
+        return ("127.0.0.1", container_port)
 
     async def logs(
         self, replica_id: str, *, follow: bool = False, tail: int | None = None

@@ -19,6 +19,8 @@ Rules:
   them), written into the state file when seen so a later agent knows them too; unknown
   (None) for an adopted process that exited unseen. Death by signal N reads as 128 + N,
   as in Docker.
+- `exec()` (exec probes) runs a command on the host with the replica's live environment
+  and working directory, in a session of its own that is killed when it overstays.
 - `stop()` sends SIGTERM to the group, SIGKILL after `timeout`, and waits until no live
   member remains. A group is signalled only while its leader is ours or gone: the kernel
   does not reuse a pid that still names a process group, so a vanished leader's group
@@ -273,6 +275,48 @@ class ProcessRuntime:
         """SIGTERM the group, SIGKILL after `timeout`, remove the state file; keep the log."""
         await self._stop(replica_id, timeout=timeout, announce=True)
 
+    async def exec(self, replica_id: str, command: Sequence[str], timeout: float) -> int:
+        """Run `command` on the host as the replica runs: with its environment and working
+        directory (read from its live process), in a session of its own, output discarded;
+        the session is SIGKILLed after `timeout` seconds. Returns the exit status."""
+        if not command:
+            raise RuntimeDriverError(f"replica {replica_id}: an exec probe needs a command")
+        env, cwd = await asyncio.to_thread(self._exec_context, replica_id)
+        argv0 = command[0]
+        executable: str | None
+        if os.sep in argv0:
+            executable = argv0 if os.path.isabs(argv0) else os.path.join(cwd, argv0)
+            if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
+                executable = None
+        else:
+            executable = shutil.which(argv0, path=env.get("PATH", os.defpath))
+        if executable is None:
+            raise RuntimeDriverError(f'replica {replica_id}: command "{argv0}" is not found or not executable')
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                executable, *command[1:], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            raise RuntimeDriverError(f'replica {replica_id}: cannot run "{argv0}": {exc.strerror or exc}') from exc
+        try:
+            async with asyncio.timeout(timeout):
+                returncode = await proc.wait()
+        except TimeoutError:
+            raise RuntimeDriverError(
+                f'replica {replica_id}: "{argv0}" did not finish within {timeout:g} s'
+            ) from None
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: the whole session goes
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        return exit_code_from_returncode(returncode)
+
+    async def address(self, replica_id: str, container_port: int) -> tuple[str, int]:
+        """A process listens on the host itself: loopback, the port as written."""
+        return ("127.0.0.1", container_port)
+
     async def logs(
         self, replica_id: str, *, follow: bool = False, tail: int | None = None
     ) -> AsyncIterator[bytes]:
@@ -372,6 +416,23 @@ class ProcessRuntime:
             self._announce(replica_id)
 
     # -- worker-thread helpers
+
+    def _exec_context(self, replica_id: str) -> tuple[dict[str, str], str]:
+        """The environment and working directory of the replica's running process."""
+        state = self._read_state(self._state_path(replica_id))
+        if state is None or state.get("node") != self.node_name:
+            raise NotFound("replica", replica_id)
+        proc = _process_matches(int(state["pid"]), float(state["create_time"]))
+        if proc is None:
+            raise RuntimeDriverError(f"replica {replica_id} is not running")
+        try:
+            return dict(proc.environ()), str(proc.cwd())
+        except psutil.NoSuchProcess:
+            raise RuntimeDriverError(f"replica {replica_id} is not running") from None
+        except psutil.AccessDenied as exc:
+            raise RuntimeDriverError(
+                f"replica {replica_id}: not allowed to read its environment for an exec probe ({exc})"
+            ) from exc
 
     def _environment(self, spec: RunSpec) -> dict[str, str]:
         env = dict(os.environ)

@@ -68,8 +68,32 @@ class StatusReport(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ...) -> None: ...
 
+class Probe(_message.Message):
+    __slots__ = ("kind", "port", "path", "command", "service", "initial_delay_seconds", "period_seconds", "timeout_seconds", "success_threshold", "failure_threshold")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    port: int
+    path: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    service: str
+    initial_delay_seconds: float
+    period_seconds: float
+    timeout_seconds: float
+    success_threshold: int
+    failure_threshold: int
+    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., service: _Optional[str] = ..., initial_delay_seconds: _Optional[float] = ..., period_seconds: _Optional[float] = ..., timeout_seconds: _Optional[float] = ..., success_threshold: _Optional[int] = ..., failure_threshold: _Optional[int] = ...) -> None: ...
+
 class RunSpec(_message.Message):
-    __slots__ = ("driver", "image", "command", "args", "env", "container_port", "limits")
+    __slots__ = ("driver", "image", "command", "args", "env", "container_port", "limits", "liveness", "readiness", "startup")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +108,9 @@ class RunSpec(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_PORT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
+    READINESS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_FIELD_NUMBER: _ClassVar[int]
     driver: str
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -91,7 +118,10 @@ class RunSpec(_message.Message):
     env: _containers.ScalarMap[str, str]
     container_port: int
     limits: _types_pb2.Resources
-    def __init__(self, driver: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., container_port: _Optional[int] = ..., limits: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ...) -> None: ...
+    liveness: Probe
+    readiness: Probe
+    startup: Probe
+    def __init__(self, driver: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., container_port: _Optional[int] = ..., limits: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., liveness: _Optional[_Union[Probe, _Mapping]] = ..., readiness: _Optional[_Union[Probe, _Mapping]] = ..., startup: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("replica_id", "deployment", "generation", "host_port", "spec")
