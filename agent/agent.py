@@ -323,7 +323,7 @@ class AgentShell:
                 agent_pb2.ReplicaStatus(
                     replica_id=v.replica_id, generation=v.generation, state=v.state, ready=v.ready,
                     handle=v.handle, restarts=v.restarts, exit_code=v.exit_code, message=v.message,
-                    started_at=v.started_at,
+                    started_at=v.started_at, port_conflict=v.port_conflict,
                 )
             )
         return report

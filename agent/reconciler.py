@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from shoal.agent.runtime.base import Observed, Runtime
-from shoal.errors import ShoalError
+from shoal.errors import HostPortInUse, ShoalError
 from shoal.model import Driver, RunSpec
 
 __all__ = [
@@ -173,6 +173,7 @@ class ReplicaView:
     exit_code: int
     message: str
     started_at: float
+    port_conflict: int = 0  # the host port that was taken, when that is why it cannot start
 
 
 class Reconciler:
@@ -194,6 +195,7 @@ class Reconciler:
         self.history: dict[str, History] = {}
         self.observed: dict[str, Observed] = {}
         self.errors: dict[str, str] = {}  # replica id → why its last start failed
+        self.port_conflicts: dict[str, int] = {}  # replica id → host port found taken
         self._lock = asyncio.Lock()
 
     def set_desired(self, desired: dict[str, RunSpec]) -> None:
@@ -217,6 +219,8 @@ class Reconciler:
             if self.desired is not None:
                 for rid in [r for r in self.errors if r not in self.desired]:
                     del self.errors[rid]
+                for rid in [r for r in self.port_conflicts if r not in self.desired]:
+                    del self.port_conflicts[rid]
             # Each action concerns a different replica: run them together, so stopping
             # ten replicas that ignore SIGTERM costs one grace period, not ten.
             await asyncio.gather(*(self._execute(a) for a in actions))
@@ -237,10 +241,13 @@ class Reconciler:
                 assert action.spec is not None
                 await runtime.start(action.spec)
                 self.errors.pop(action.replica_id, None)
+                self.port_conflicts.pop(action.replica_id, None)
                 self._log.info(f"reconciler.{action.kind.value}ed", replica=action.replica_id,
                                restarts=self.history.get(action.replica_id, History()).restarts)
         except ShoalError as exc:
             self.errors[action.replica_id] = str(exc)
+            if isinstance(exc, HostPortInUse):
+                self.port_conflicts[action.replica_id] = exc.port or (action.spec.host_port if action.spec else 0) or 0
             h = self.history.setdefault(action.replica_id, History())
             if action.kind is not ActionKind.STOP:
                 # A failed start counts as a crash so retries back off too.
@@ -311,6 +318,7 @@ class Reconciler:
                     exit_code=code,
                     message=message,
                     started_at=started,
+                    port_conflict=self.port_conflicts.get(rid, 0) if err else 0,
                 )
             )
         return out

@@ -344,7 +344,7 @@ def _node_infos(
             labels=tuple(sorted(n.labels.items())),
             capacity=Resources(cpu_millis=n.cpu_millis, memory_bytes=n.memory_bytes),
             allocated=Resources(cpu_millis=cpu[n.name], memory_bytes=mem[n.name]),
-            used_ports=frozenset(ports.get(n.name, ())),
+            used_ports=frozenset(ports.get(n.name, ())) | frozenset(n.blocked_ports),
             replicas_by_deployment=tuple(sorted(per_dep.get(n.name, Counter()).items())),
         )
         for n in sorted(nodes, key=lambda n: n.name)

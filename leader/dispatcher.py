@@ -42,10 +42,16 @@ _PHASES = {
 }
 
 
+# Host ports found taken by something shoal does not manage, remembered per node so the
+# scheduler avoids them; a bounded list, since such ports are few and may be freed.
+BLOCKED_PORTS_KEPT = 256
+
+
 def apply_report(state: ClusterState, node: str, report: agent_pb2.StatusReport, now: float) -> Txn:
     """The transaction that records an agent's status report (pure)."""
     ops: list[Put] = []
     events: list[NewEvent] = []
+    blocked: list[int] = []
     for st in report.replicas:
         raw = state.get("replicas", st.replica_id)
         if raw is None:
@@ -53,6 +59,16 @@ def apply_report(state: ClusterState, node: str, report: agent_pb2.StatusReport,
         rec = ReplicaRecord.from_dict(raw)
         if rec.node != node:
             continue  # fenced: a node reporting on a replica it no longer owns
+        if st.port_conflict and st.port_conflict == rec.host_port:
+            # Something shoal does not manage holds the port: remember it for this node
+            # and send the replica back to the scheduler for another one.
+            blocked.append(rec.host_port)
+            moved = dataclasses.replace(rec, node="", host_port=0, phase=int(Phase.PENDING), ready=False,
+                                        handle="", message=st.message)
+            ops.append(Put(kind="replicas", name=rec.id, value=moved.to_dict()))
+            events.append(NewEvent(time=now, type="Warning", reason="PortInUse", object=f"pod/{rec.id}",
+                                   message=f"{st.message}; choosing another port"))
+            continue
         phase = _PHASES.get(st.state, Phase(rec.phase))
         new = dataclasses.replace(
             rec,
@@ -68,6 +84,11 @@ def apply_report(state: ClusterState, node: str, report: agent_pb2.StatusReport,
             ops.append(Put(kind="replicas", name=rec.id, value=new.to_dict()))
     for e in report.events:
         events.append(NewEvent(time=e.time or now, type=e.type or "Normal", reason=e.reason, object=e.object, message=e.message))
+    node_raw = state.get("nodes", node)
+    if blocked and node_raw is not None:
+        n = NodeRecord.from_dict(node_raw)
+        ports = sorted(set(n.blocked_ports) | set(blocked))[-BLOCKED_PORTS_KEPT:]
+        ops.append(Put(kind="nodes", name=node, value=dataclasses.replace(n, blocked_ports=ports).to_dict()))
     return Txn(ops=tuple(ops), events=tuple(events))
 
 
@@ -201,6 +222,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             role=hello.role or "client",
             status="Ready",
             cordoned=old.cordoned if old else False,
+            blocked_ports=old.blocked_ports if old else [],
             cpu_millis=hello.capacity.cpu_millis,
             memory_bytes=hello.capacity.memory_bytes,
             labels=dict(hello.labels),

@@ -96,6 +96,7 @@ class NodeRecord(_Record):
     labels: dict[str, str] = field(default_factory=dict)
     last_seen: float = 0.0
     version: str = ""
+    blocked_ports: list[int] = field(default_factory=list)  # taken by something else
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,7 @@
     ├── Unschedulable          no node can take a replica; `explanation` says why
     ├── RuntimeDriverError     the container or process runtime failed
     │   ├── ImageNotFound      the image is neither local nor pullable
+    │   ├── HostPortInUse      the replica's host port is taken on this node (`port`)
     │   └── RuntimeUnavailable the runtime (Docker Engine) cannot be reached
     ├── StoreError             the state store failed to read or persist
     │   └── (raft) LogCompacted, LogUnavailable, SnapshotOutOfDate, SnapshotTemporarilyUnavailable
@@ -40,6 +41,7 @@ __all__ = [
     "RuntimeDriverError",
     "ImageNotFound",
     "RuntimeUnavailable",
+    "HostPortInUse",
     "StoreError",
     "Unavailable",
 ]
@@ -106,6 +108,14 @@ class ImageNotFound(RuntimeDriverError):
     def __init__(self, image: str) -> None:
         self.image = image
         super().__init__(f'image "{image}" is not present on this host and could not be pulled')
+
+
+class HostPortInUse(RuntimeDriverError):
+    """The host port a replica was given is taken on this node by something else."""
+
+    def __init__(self, message: str, *, port: int | None = None) -> None:
+        self.port = port
+        super().__init__(message)
 
 
 class RuntimeUnavailable(RuntimeDriverError):

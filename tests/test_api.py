@@ -350,6 +350,7 @@ EXPECTED_STATUS = {
     shoal.errors.RuntimeDriverError: grpc.StatusCode.UNAVAILABLE,
     shoal.errors.ImageNotFound: grpc.StatusCode.UNAVAILABLE,
     shoal.errors.RuntimeUnavailable: grpc.StatusCode.UNAVAILABLE,
+    shoal.errors.HostPortInUse: grpc.StatusCode.UNAVAILABLE,
     shoal.errors.StoreError: grpc.StatusCode.UNAVAILABLE,
     shoal.errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -350,3 +350,40 @@ def test_unreachable_server_is_one_clear_line(tmp_path: pathlib.Path) -> None:
     r = a.cli("get", "pods", "--addr", "127.0.0.1:1")
     assert r.code == 1
     assert r.err.strip() == "error: cannot reach shoal at 127.0.0.1:1 — is 'shoal agent --dev' running?"
+
+
+def test_a_taken_host_port_sends_the_replica_to_another(agent: DevAgent, tmp_path: pathlib.Path) -> None:
+    """Something shoal does not manage holds the first port of the dynamic range: the
+    replica is told so by its agent, gets another port, and serves."""
+    whoami = ROOT / "build" / "bin" / "whoami"
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("0.0.0.0", 20000))  # the scheduler's first choice on an empty node
+    blocker.listen()
+    try:
+        m = tmp_path / "one.yaml"
+        m.write_text(
+            f"""apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: squatted
+  annotations: {{shoal.io/driver: process}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: squatted}}}}
+  template:
+    metadata: {{labels: {{app: squatted}}}}
+    spec:
+      containers:
+      - name: whoami
+        command: ["{whoami}"]
+        ports: [{{containerPort: 8080}}]
+"""
+        )
+        assert agent.cli("apply", "-f", str(m)).code == 0
+        pods = wait_until(lambda: ready_pods(agent, 1), 30, what="the replica ready on another port")
+        assert int(pods[0]["host_port"]) != 20000
+        assert http_get(int(pods[0]["host_port"])).strip() == pods[0]["name"]
+        assert "PortInUse" in agent.cli("events").out
+    finally:
+        blocker.close()

@@ -33,6 +33,7 @@ from shoal.agent.runtime.docker import (
     _translate,
 )
 from shoal.errors import (
+    HostPortInUse,
     ImageNotFound,
     NotFound,
     RuntimeDriverError,
@@ -95,7 +96,7 @@ CASES: list[tuple[str, BaseException, dict[str, Any], type[ShoalError], tuple[st
             "Bind for 0.0.0.0:31000 failed: port is already allocated",
         ),
         {"replica_id": "r2", "host_port": 31000},
-        RuntimeDriverError,
+        HostPortInUse,
         ("host port 31000 is already in use", "r2"),
     ),
     (
@@ -106,14 +107,14 @@ CASES: list[tuple[str, BaseException, dict[str, Any], type[ShoalError], tuple[st
             "starting userland proxy: listen tcp4 0.0.0.0:31001: bind: address already in use",
         ),
         {"replica_id": "r3"},
-        RuntimeDriverError,
+        HostPortInUse,
         ("host port 31001 is already in use",),
     ),
     (
         "port_in_use",
         api_error(500, "listen: address already in use"),
         {"replica_id": "r4", "host_port": 31002},
-        RuntimeDriverError,
+        HostPortInUse,
         ("host port 31002 is already in use",),
     ),
     (

@@ -61,6 +61,7 @@ import urllib3.exceptions
 
 from shoal.agent.runtime.base import LABEL_PREFIX, Observed
 from shoal.errors import (
+    HostPortInUse,
     ImageNotFound,
     NotFound,
     RuntimeDriverError,
@@ -142,9 +143,10 @@ def _port_in_use(exc: BaseException, ctx: _Context) -> ShoalError:
     match = _PORT_IN_MESSAGE.search(_explanation(exc))
     port = match.group(1) if match else (str(ctx.host_port) if ctx.host_port else "")
     what = f"host port {port}" if port else "the host port"
-    return RuntimeDriverError(
+    return HostPortInUse(
         f"{what} is already in use on this node, so replica {ctx.replica_id or '?'} cannot "
-        f"publish on it (docker: {_explanation(exc)})"
+        f"publish on it (docker: {_explanation(exc)})",
+        port=int(port) if port else None,
     )
 
 

@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import threading
@@ -55,7 +56,7 @@ import psutil
 import structlog
 
 from shoal.agent.runtime.base import Observed
-from shoal.errors import NotFound, RuntimeDriverError
+from shoal.errors import HostPortInUse, NotFound, RuntimeDriverError
 from shoal.model import Driver, RunSpec
 
 __all__ = ["ProcessRuntime", "exit_code_from_returncode"]
@@ -68,6 +69,17 @@ _CREATE_TIME_TOLERANCE = 0.05
 _KILL_GRACE = 5.0
 
 _LOG_CHUNK = 64 * 1024
+
+
+def _port_free(port: int) -> bool:
+    """Whether a TCP listener could bind `port` on every address right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def exit_code_from_returncode(returncode: int) -> int:
@@ -260,6 +272,14 @@ class ProcessRuntime:
             self._log.info("runtime.limits_not_enforced", replica=spec.replica_id, driver="process")
         # Replacing: the old incarnation goes first, at once, as Docker's forced remove.
         await self._stop(spec.replica_id, timeout=0.0, announce=False)
+        if spec.host_port is not None and not _port_free(spec.host_port):
+            # The process would bind PORT and die with a message only it knows; finding
+            # out here lets the leader give the replica another port.
+            raise HostPortInUse(
+                f"host port {spec.host_port} is already in use on this node, so replica "
+                f"{spec.replica_id} cannot listen on it",
+                port=spec.host_port,
+            )
         observed = await asyncio.to_thread(self._spawn, spec, argv, executable, env)
         self._announce(spec.replica_id)
         self._log.info(

@@ -39,7 +39,7 @@ class Hello(_message.Message):
     def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "generation", "state", "ready", "handle", "restarts", "exit_code", "message", "started_at")
+    __slots__ = ("replica_id", "generation", "state", "ready", "handle", "restarts", "exit_code", "message", "started_at", "port_conflict")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ReplicaStatus(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PORT_CONFLICT_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     generation: int
     state: str
@@ -58,7 +59,8 @@ class ReplicaStatus(_message.Message):
     exit_code: int
     message: str
     started_at: float
-    def __init__(self, replica_id: _Optional[str] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., handle: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
+    port_conflict: int
+    def __init__(self, replica_id: _Optional[str] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., handle: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., started_at: _Optional[float] = ..., port_conflict: _Optional[int] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("replicas", "events")
