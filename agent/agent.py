@@ -104,7 +104,7 @@ class AgentShell:
     def __init__(
         self,
         identity: AgentIdentity,
-        leader_addr: str,
+        leader_addr: str | Callable[[], str | None],
         reconciler: Reconciler,
         proxy: ServiceProxy,
         *,
@@ -114,7 +114,9 @@ class AgentShell:
         logger: Any = None,
     ) -> None:
         self.identity = identity
-        self.leader_addr = leader_addr
+        # A fixed address (a server talks to itself), or a function that names a server
+        # from the gossip view at each connection attempt (None: none known yet).
+        self._leader_addr = leader_addr
         self.reconciler = reconciler
         self.proxy = proxy
         self.report_interval = report_interval
@@ -134,6 +136,10 @@ class AgentShell:
         self._unsupported: set[str] = set()  # replica ids already reported as unsupported
         self.connected = asyncio.Event()
         self.tables: list[types_pb2.Table] = []
+
+    @property
+    def leader_addr(self) -> str | None:
+        return self._leader_addr() if callable(self._leader_addr) else self._leader_addr
 
     # -- events the agent reports --------------------------------------------------
 
@@ -349,7 +355,10 @@ class AgentShell:
             delay = min(delay * 2, 5.0)
 
     async def _one_stream(self) -> None:
-        async with grpc.aio.insecure_channel(self.leader_addr) as channel:
+        target = self.leader_addr
+        if target is None:
+            raise ConnectionError("no server known yet (waiting for gossip)")
+        async with grpc.aio.insecure_channel(target) as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
             call = stub.Watch(self._outgoing())
             async for msg in call:

@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from grpc_reflection.v1alpha import reflection
 
 import shoal
 from shoal.agent.agent import AgentIdentity, AgentShell
+from shoal.agent.gossip import GossipConfig, GossipShell
+from shoal.agent.swim.config import Config as SwimConfig
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.agent.reconciler import Reconciler
 from shoal.agent.runtime.base import Runtime
@@ -40,6 +43,7 @@ from shoal.leader.dispatcher import AgentService
 from shoal.leader.leader import ControlLoop
 from shoal.leader.records import ReplicaRecord
 from shoal.leader.scheduler import Scheduler, SchedulerConfig
+from shoal.leader.state import NewEvent, Put, Txn
 from shoal.leader.store import SqliteStore
 from shoal.model import Driver, Resources
 from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
@@ -47,6 +51,7 @@ from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 __all__ = ["AgentConfig", "AgentProcess", "default_data_dir", "run"]
 
 DEFAULT_GRPC_PORT = 7420
+DEFAULT_GOSSIP_PORT = 7421
 
 
 def default_data_dir(dev: bool) -> pathlib.Path:
@@ -64,7 +69,8 @@ class AgentConfig:
     bind: str = "127.0.0.1"
     advertise: str = ""  # defaults to bind; required when bind is a wildcard (except --dev)
     grpc_port: int = DEFAULT_GRPC_PORT
-    join: tuple[str, ...] = ()  # servers to reach (client agents)
+    gossip_port: int = DEFAULT_GOSSIP_PORT  # UDP and TCP
+    join: tuple[str, ...] = ()  # gossip seeds: any agent already in the cluster, HOST[:PORT]
     data_dir: pathlib.Path | None = None
     node_name: str = ""
     labels: tuple[tuple[str, str], ...] = ()
@@ -87,6 +93,8 @@ class AgentConfig:
         # A wildcard bind says nothing about where other hosts reach this one; falling
         # back to 127.0.0.1 would register the node (and its endpoints) at loopback, and
         # other hosts' proxies would forward to their own loopback instead.
+        if not 0 <= self.gossip_port < 65536:
+            raise ConfigError(f"--gossip-port must be between 1 and 65535, got {self.gossip_port}")
         if not self.dev and not self.advertise and self.bind in ("0.0.0.0", "::", ""):
             raise ConfigError(
                 f"--bind {self.bind or '0.0.0.0'} listens on every address, but other hosts need one "
@@ -129,6 +137,7 @@ class AgentProcess:
         self.server: grpc.aio.Server | None = None
         self.store: SqliteStore | None = None
         self.shell: AgentShell | None = None
+        self.gossip: GossipShell | None = None
         self.runtimes: dict[Driver, Runtime] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
@@ -141,6 +150,7 @@ class AgentProcess:
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        await self._start_gossip()
         if cfg.is_server:
             await self._start_server()
         await self._start_agent()
@@ -154,13 +164,79 @@ class AgentProcess:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    async def _start_gossip(self) -> None:
+        cfg = self.config
+        meta = {"role": "server" if cfg.is_server else "client", "version": shoal.__version__}
+        if cfg.is_server:
+            meta["grpc"] = f"{cfg.advertise_address}:{cfg.grpc_port}"
+        gcfg = GossipConfig(
+            name=self.node_name,
+            bind=cfg.bind if cfg.bind not in ("", "::") else "0.0.0.0",
+            port=cfg.gossip_port,
+            advertise=cfg.advertise_address,
+            meta=meta,
+            swim=SwimConfig.local() if cfg.dev else SwimConfig.lan(),
+        )
+        self.gossip = GossipShell(gcfg, rng=random.Random(self.rng.random()))
+        await self.gossip.start()
+        if cfg.join:
+            # Returns at once; the shell keeps retrying in the background with back-off.
+            await self.gossip.join(list(cfg.join), timeout=0.0)
+
+    def _server_address(self) -> str | None:
+        """A server's API address from the gossip view (client agents)."""
+        if self.gossip is None:
+            return None
+        servers = sorted(
+            (m for m in self.gossip.members() if m.live and m.meta_get("role") == "server" and m.meta_get("grpc")),
+            key=lambda m: m.name,
+        )
+        return servers[0].meta_get("grpc") if servers else None
+
+    async def _record_membership(self, store: SqliteStore) -> None:
+        """Membership changes become cluster events (and a dead host's node goes Down)."""
+        assert self.gossip is not None
+        queue = self.gossip.subscribe()
+        reasons = {"join": ("Normal", "MemberJoined"), "dead": ("Warning", "MemberDead"),
+                   "leave": ("Normal", "MemberLeft"), "suspect": ("Warning", "MemberSuspect"),
+                   "alive": ("Normal", "MemberAlive")}
+        while True:
+            ev = await queue.get()
+            kind = ev.kind.value
+            if kind not in reasons:
+                continue
+            type_, reason = reasons[kind]
+            m = ev.member
+            ops: list[Put] = []
+            raw = store.state.get("nodes", m.name)
+            if kind in ("dead", "leave") and raw is not None and raw.get("status") != "Down":
+                ops.append(Put(kind="nodes", name=m.name, value=dict(raw, status="Down")))
+            try:
+                await store.commit(Txn(ops=tuple(ops), events=(NewEvent(
+                    time=time.time(), type=type_, reason=reason, object=f"node/{m.name}",
+                    message=f"gossip: {m.name} at {m.address[0]}:{m.address[1]} is {m.state.value} (incarnation {m.incarnation})"),)))
+            except ShoalError as exc:
+                self.log.warning("agent.membership_not_recorded", member=m.name, error=str(exc))
+
+    def members(self) -> list[Any]:
+        if self.gossip is None:
+            return []
+        out = []
+        for m in sorted(self.gossip.members(), key=lambda m: m.name):
+            ago = self.gossip.heard_ago(m.name)
+            out.append(control_pb2.Member(
+                name=m.name, address=f"{m.address[0]}:{m.address[1]}", role=m.meta_get("role") or "",
+                state=m.state.value, incarnation=m.incarnation, heard_ago=-1.0 if ago is None else ago,
+                grpc=m.meta_get("grpc") or "", version=m.meta_get("version") or ""))
+        return out
+
     async def _start_server(self) -> None:
         cfg = self.config
         self.store = SqliteStore(self.data_dir / "state.db")
         controller = Controller(Scheduler(SchedulerConfig(), random.Random(self.rng.random())), random.Random(self.rng.random()))
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
         control_pb2_grpc.add_ControlServicer_to_server(
-            ControlService(self.store, controller, log_source=self._logs), server
+            ControlService(self.store, controller, log_source=self._logs, members=self.members), server
         )
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.store, controller), server)
         health_servicer = health.aio.HealthServicer()
@@ -185,6 +261,7 @@ class AgentProcess:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         loop = ControlLoop(self.store, controller)
         self._tasks.append(asyncio.create_task(loop.run(), name="control-loop"))
+        self._tasks.append(asyncio.create_task(self._record_membership(self.store), name="membership"))
 
     def _make_runtimes(self) -> dict[Driver, Runtime]:
         runtimes: dict[Driver, Runtime] = {}
@@ -219,9 +296,7 @@ class AgentProcess:
             labels=cfg.labels,
             version=shoal.__version__,
         )
-        leader = self.grpc_target if cfg.is_server else cfg.join[0]
-        if ":" not in leader:
-            leader = f"{leader}:{DEFAULT_GRPC_PORT}"
+        leader: str | Callable[[], str | None] = self.grpc_target if cfg.is_server else self._server_address
         self.shell = AgentShell(identity, leader, reconciler, proxy)
         shell_ref.append(self.shell)
         self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
@@ -248,6 +323,10 @@ class AgentProcess:
         for runtime in self.runtimes.values():
             with contextlib.suppress(Exception):
                 await runtime.close()
+        if self.gossip is not None:
+            with contextlib.suppress(Exception):
+                await self.gossip.leave()
+            await self.gossip.close()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.store is not None:

@@ -107,10 +107,11 @@ def _run(fn: Callable[[], None]) -> None:
 def agent(
     dev: Annotated[bool, typer.Option("--dev", help="Server and client in one process, loopback only, per-user data dir.")] = False,
     server: Annotated[bool, typer.Option("--server", help="Hold the cluster state and serve the API.")] = False,
-    join: Annotated[list[str] | None, typer.Option("--join", help="A server to reach (HOST[:PORT]); repeatable.")] = None,
+    join: Annotated[list[str] | None, typer.Option("--join", help="An agent already in the cluster (HOST[:GOSSIP_PORT]); repeatable.")] = None,
     bind: Annotated[str, typer.Option("--bind", help="Address to listen on.")] = "127.0.0.1",
     advertise: Annotated[str, typer.Option("--advertise", help="Address other hosts use to reach this one.")] = "",
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC API port.")] = 7420,
+    gossip_port: Annotated[int, typer.Option("--gossip-port", help="Gossip port (UDP and TCP).")] = 7421,
     data_dir: Annotated[pathlib.Path | None, typer.Option("--data-dir", help="Where state lives (default: per-user).")] = None,
     node_name: Annotated[str, typer.Option("--node-name", help="This host's name in the cluster (default: hostname).")] = "",
     label: Annotated[list[str] | None, typer.Option("--label", help="Node label KEY=VALUE; repeatable.")] = None,
@@ -137,6 +138,7 @@ def agent(
         bind=bind,
         advertise=advertise,
         grpc_port=grpc_port,
+        gossip_port=gossip_port,
         data_dir=data_dir,
         node_name=node_name,
         labels=tuple(labels),
@@ -382,6 +384,27 @@ def events(
                     out.print(f"{time.strftime('%H:%M:%S', time.localtime(e.time))}  {e.type:<7}  {e.reason:<16}  {e.object}  {e.message}", markup=False)
             except KeyboardInterrupt:
                 pass
+
+    _run(go)
+
+
+@app.command()
+def members(
+    output: Output = "",
+    addr: Addr = "",
+) -> None:
+    """Show the gossip membership: every agent, its role and state."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            resp = c.members()
+        items = list(resp.members)
+        if output in ("yaml", "json"):
+            _dump(items, output)
+            return
+        rows = [[m.name, m.address, m.role, m.state, m.incarnation,
+                 "-" if m.heard_ago < 0 else f"{m.heard_ago:.1f}s"] for m in items]
+        out.print(_table(["NAME", "ADDRESS", "ROLE", "STATE", "INCARNATION", "LAST HEARD"], rows), markup=False)
 
     _run(go)
 

@@ -113,12 +113,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
         controller: Controller,
         *,
         log_source: LogSource | None = None,
+        members: Callable[[], list[Any]] | None = None,
         clock: Callable[[], float] = time.time,
         logger: Any = None,
     ) -> None:
         self._store = store
         self._controller = controller
         self._log_source = log_source
+        self._members = members
         self._clock = clock
         self._log = logger or structlog.get_logger("shoal.api")
 
@@ -322,3 +324,6 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 yield control_pb2.LogChunk(data=chunk)
         except ShoalError as exc:
             await context.abort(status_for(exc), str(exc))
+
+    async def Members(self, request: control_pb2.MembersRequest, context: grpc.aio.ServicerContext) -> control_pb2.MembersResponse:
+        return control_pb2.MembersResponse(members=self._members() if self._members else [])

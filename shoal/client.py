@@ -93,6 +93,9 @@ class Client:
     def scale(self, deployment: str, replicas: int) -> control_pb2.ScaleResponse:
         return self._call("Scale", control_pb2.ScaleRequest(deployment=deployment, replicas=replicas))
 
+    def members(self) -> control_pb2.MembersResponse:
+        return self._call("Members", control_pb2.MembersRequest())
+
     def events(self, *, since: int = 0, follow: bool = False, obj: str = "") -> Iterator[types_pb2.Event]:
         return self._stream("WatchEvents", control_pb2.WatchEventsRequest(since=since, follow=follow, object=obj), follow=follow)
 

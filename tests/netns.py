@@ -20,7 +20,7 @@ Layout of one run, prefix `shl` + 6 hex digits (e.g. `shl1a2b3c`):
     namespace shl1a2b3c-hI    eth0 = 198.18.0.I/24 (peer of hI in the switch), lo;
                               nft table `netdev shl1a2b3c` (cuts and loss, see below);
                               `shoal agent --node-name hI --bind 198.18.0.I --driver process`,
-                              h1 with --server, the others with --join 198.18.0.1:7420
+                              h1 with --server, the others with --join 198.18.0.1 (its gossip port)
     /tmp/shl1a2b3c/hI/        the agent's data dir; hI.log its output
 
 Rules:
@@ -426,7 +426,7 @@ class NetnsCluster:
             "--driver", "process",
             "--log-level", self.log_level,
         ]
-        argv += ["--server"] if h.server else ["--join", self.server.grpc_addr]
+        argv += ["--server"] if h.server else ["--join", self.server.address]
         return argv + list(self.agent_args)
 
     def start_agent(self, host: HostRef) -> Host:

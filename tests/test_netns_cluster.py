@@ -8,6 +8,8 @@ the file runs in well under 90 s.
 
 from __future__ import annotations
 
+import json
+
 import pathlib
 import socket
 import time
@@ -136,12 +138,36 @@ def test_stop_cont_kill9_restart(netns_cluster: NetnsCluster) -> None:
     assert not c["h3"].alive()
     # kill -9 takes the agent only: what it ran keeps running, as on a real host.
     assert all(process_exists(pid, start) for pid, start in replicas_before.items())
-    # (The server's NotReady for h3 is not awaited here: the leader can lose that write
-    # when the RPC's cancellation lands during it. The harness does not depend on it.)
+    # The server's store now applies a cancelled commit (see leader/store.py), so the
+    # disconnect is recorded; gossip independently declares the member dead.
+    wait_until(lambda: _members(c).get("h3", {}).get("state") == "dead", 20, what="gossip to declare h3 dead")
+    before = int(_members(c)["h3"].get("incarnation", 0))
 
     started = time.time()
     c.restart("h3", timeout=20)  # returns once the server has seen the new agent connect
     assert c.ready_nodes(since=started - 0.01)["h3"] == c["h3"].address
+    wait_until(lambda: _members(c)["h3"]["state"] == "alive", 20, what="h3 alive again")
+    assert int(_members(c)["h3"].get("incarnation", 0)) > before
+    assert "MemberDead" in c.cli("events").out
+
+
+def _members(c: NetnsCluster) -> dict[str, dict[str, object]]:
+    r = c.cli("members", "-o", "json")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    items = data["items"] if "items" in data else [data]
+    return {str(m["name"]): m for m in items}
+
+
+def test_gossip_members_see_every_agent(netns_cluster: NetnsCluster) -> None:
+    c = netns_cluster
+    def all_alive() -> dict[str, dict[str, object]] | None:
+        m = _members(c)
+        return m if len(m) == 3 and all(v["state"] == "alive" for v in m.values()) else None
+
+    members = wait_until(all_alive, 20, what="3 alive members")
+    assert members["h1"]["role"] == "server" and members["h2"]["role"] == "client"
+    assert str(members["h2"]["address"]).startswith(c["h2"].address + ":")
 
 
 def _tcp_listener(c: NetnsCluster, host: str) -> tuple[socket.socket, int]:

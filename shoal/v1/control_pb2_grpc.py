@@ -65,6 +65,11 @@ class ControlStub:
                 request_serializer=shoal_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_control__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/shoal.v1.Control/Members',
+                request_serializer=shoal_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -110,6 +115,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Members(self, request, context):
+        """The gossip membership as the answering agent sees it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +154,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=shoal_dot_v1_dot_control__pb2.LogsRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_control__pb2.LogChunk.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.MembersRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +323,33 @@ class Control:
             '/shoal.v1.Control/Logs',
             shoal_dot_v1_dot_control__pb2.LogsRequest.SerializeToString,
             shoal_dot_v1_dot_control__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/Members',
+            shoal_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,
