@@ -503,6 +503,23 @@ class NetnsCluster:
         return subprocess.run(["ip", "netns", "exec", h.netns, *argv], input=input, capture_output=True,
                               text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
+    def popen(self, host: HostRef, *argv: str, env: dict[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start `argv` in `host`'s namespace without waiting (a poller, another gossip
+        implementation...). Its own session, so a signal to the harness's group spares it;
+        `close()` kills it with everything else in the run's namespaces. Extra `kwargs` go
+        to `subprocess.Popen` (stdout=..., text=...)."""
+        h = self.host(host)
+        _set_subreaper(True)
+        full_env = dict(os.environ, SHOAL_ADDR=self.server.grpc_addr, PYTHONUNBUFFERED="1", **(env or {}))
+        full_env[RUN_ENV] = self.prefix
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("cwd", ROOT)
+        proc = subprocess.Popen(["ip", "netns", "exec", h.netns, *argv], env=full_env,
+                                start_new_session=True, **kwargs)
+        self._remember()
+        return proc
+
     def cli(self, *args: str, input: str | None = None, timeout: float = 60.0, host: HostRef | None = None) -> CliResult:
         """The shoal CLI, run in h1's namespace (or `host`'s), against the server."""
         p = self.exec(host or self.server, sys.executable, "-m", "shoal", *args, input=input, timeout=timeout)
