@@ -62,9 +62,9 @@ from typing import Any
 import structlog
 
 from shoal.errors import StoreError
-from shoal.leader.raft.errors import LogCompacted, LogUnavailable, RaftInvariantError, SnapshotOutOfDate
+from shoal.leader.raft.errors import RaftInvariantError, SnapshotOutOfDate
 from shoal.leader.raft.messages import ConfState, Entry, EntryKind, HardState, Snapshot, SnapshotMeta
-from shoal.leader.raft.storage import limit_size
+from shoal.leader.raft.storage import LogView
 
 __all__ = [
     "DB_NAME",
@@ -151,7 +151,7 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-class SqliteRaftStorage:
+class SqliteRaftStorage(LogView):
     """A durable `WritableStorage`; see the module docstring for layout and recovery."""
 
     def __init__(
@@ -309,35 +309,6 @@ class SqliteRaftStorage:
         if hs.commit < self._snapshot.index:
             hs = HardState(term=hs.term, vote=hs.vote, commit=self._snapshot.index)
         return hs, self._snapshot.meta.conf_state
-
-    @property
-    def hard_state(self) -> HardState:
-        return self._hard_state
-
-    def first_index(self) -> int:
-        return self._ents[0].index + 1
-
-    def last_index(self) -> int:
-        return self._ents[0].index + len(self._ents) - 1
-
-    def term(self, index: int) -> int:
-        offset = self._ents[0].index
-        if index < offset:
-            raise LogCompacted(f"index {index} is compacted (first index {offset + 1})")
-        if index - offset >= len(self._ents):
-            raise LogUnavailable(f"index {index} is past the last index {self.last_index()}")
-        return self._ents[index - offset].term
-
-    def entries(self, lo: int, hi: int, max_size: int) -> list[Entry]:
-        offset = self._ents[0].index
-        if lo <= offset:
-            raise LogCompacted(f"index {lo} is compacted (first index {offset + 1})")
-        if hi > self.last_index() + 1:
-            raise LogUnavailable(f"entries up to {hi - 1} asked, last index is {self.last_index()}")
-        return limit_size(self._ents[lo - offset : hi - offset], max_size)
-
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
 
     # --- the two halves of persisting a Ready ----------------------------------------
 

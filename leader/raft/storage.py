@@ -27,7 +27,7 @@ from typing import Protocol
 from .errors import LogCompacted, LogUnavailable, RaftInvariantError, SnapshotOutOfDate
 from .messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta, entry_size
 
-__all__ = ["Storage", "WritableStorage", "MemoryStorage", "limit_size"]
+__all__ = ["Storage", "WritableStorage", "LogView", "MemoryStorage", "limit_size"]
 
 
 class Storage(Protocol):
@@ -94,24 +94,19 @@ def limit_size(entries: list[Entry], max_size: int) -> list[Entry]:
     return entries
 
 
-class MemoryStorage:
-    """An in-memory `WritableStorage`: the test and simulator twin of the SQLite store.
+class LogView:
+    """The read half of a storage that keeps its log in memory (`_ents`, `_snapshot`,
+    `_hard_state`): shared by `MemoryStorage` and the SQLite store, which mirrors its
+    disk in memory and serves every read from there.
 
     `_ents[0]` is a dummy entry standing for the snapshot (its index and term), so
     `term(first_index() - 1)` needs no special case.
     """
 
-    __slots__ = ("_hard_state", "_snapshot", "_ents")
-
-    def __init__(self) -> None:
-        self._hard_state = HardState()
-        self._snapshot = Snapshot()
-        self._ents: list[Entry] = [Entry(term=0, index=0)]
-
-    # --- Storage -------------------------------------------------------------------
-
-    def initial_state(self) -> tuple[HardState, ConfState]:
-        return self._hard_state, self._snapshot.meta.conf_state
+    __slots__ = ()
+    _hard_state: HardState
+    _snapshot: Snapshot
+    _ents: list[Entry]
 
     @property
     def hard_state(self) -> HardState:
@@ -141,6 +136,26 @@ class MemoryStorage:
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+
+class MemoryStorage(LogView):
+    """An in-memory `WritableStorage`: the test and simulator twin of the SQLite store.
+
+    `_ents[0]` is a dummy entry standing for the snapshot (its index and term), so
+    `term(first_index() - 1)` needs no special case.
+    """
+
+    __slots__ = ("_hard_state", "_snapshot", "_ents")
+
+    def __init__(self) -> None:
+        self._hard_state = HardState()
+        self._snapshot = Snapshot()
+        self._ents: list[Entry] = [Entry(term=0, index=0)]
+
+    # --- Storage -------------------------------------------------------------------
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        return self._hard_state, self._snapshot.meta.conf_state
 
     # --- WritableStorage -------------------------------------------------------------
 
