@@ -18,11 +18,10 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog

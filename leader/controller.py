@@ -52,7 +52,7 @@ from shoal.model import (
     ServiceSpec,
 )
 
-__all__ = ["Controller", "replica_requests", "rolling_bounds", "service_matches"]
+__all__ = ["Controller", "rolling_bounds", "service_matches"]
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -61,10 +61,6 @@ def service_matches(service: ServiceSpec, deployment: DeploymentSpec) -> bool:
     """A service selects a deployment's replicas when its selector ⊆ their labels."""
     labels = dict(deployment.template_labels)
     return bool(service.selector) and all(labels.get(k) == v for k, v in service.selector)
-
-
-def replica_requests(spec: DeploymentSpec) -> Resources:
-    return spec.requests
 
 
 def _resolve_target_port(service_target: int | str, spec: DeploymentSpec) -> int | None:
@@ -216,7 +212,7 @@ class Controller:
             plan = self._scheduler.schedule(infos, requests)
             for a in plan.assignments:
                 r = replicas[a.replica_id]
-                placed = _replace(r, node=a.node, host_port=a.host_port or 0, phase=int(Phase.ASSIGNED))
+                placed = dataclasses.replace(r, node=a.node, host_port=a.host_port or 0, phase=int(Phase.ASSIGNED))
                 replicas[r.id] = placed
                 ops.append(Put(kind="replicas", name=r.id, value=placed.to_dict()))
                 events.append(_event(now, "Normal", "Scheduled", f"pod/{r.id}", f"assigned to {a.node} port {a.host_port}"))
@@ -230,7 +226,7 @@ class Controller:
             elif not reason:
                 reason = rec.unschedulable  # still pending from an earlier pass
             if reason != rec.unschedulable:
-                ops.append(Put(kind="deployments", name=dep_name, value=_replace(rec, unschedulable=reason).to_dict()))
+                ops.append(Put(kind="deployments", name=dep_name, value=dataclasses.replace(rec, unschedulable=reason).to_dict()))
                 # One event when it becomes unschedulable; the explanation's figures
                 # ("largest free 7.8Gi") move with every other placement, and each move
                 # is not news worth an event.
@@ -299,7 +295,7 @@ class Controller:
             if prev_raw is None or record.to_dict() != prev_raw:
                 if previous is not None and record.version <= previous.version:
                     # A change build_table does not version (e.g. the service's ports).
-                    record = _replace(record, version=previous.version + 1)
+                    record = dataclasses.replace(record, version=previous.version + 1)
                 ops.append(Put(kind="tables", name=name, value=record.to_dict()))
         return ops
 
@@ -382,7 +378,3 @@ def _removal_order(r: ReplicaRecord) -> tuple[bool, bool, float, str]:
 
 def _event(now: float, type_: str, reason: str, obj: str, message: str) -> NewEvent:
     return NewEvent(time=now, type=type_, reason=reason, object=obj, message=message)
-
-
-def _replace(record: Any, **changes: Any) -> Any:
-    return dataclasses.replace(record, **changes)

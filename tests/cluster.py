@@ -28,11 +28,21 @@ from tests.helpers import free_port, wait_until
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class CliResult:
     code: int
     out: str
     err: str
+
+
+def json_items(r: CliResult, what: str) -> list[dict[str, Any]]:
+    """The objects a `shoal ... -o json` printed: one object, or {"items": [...]}."""
+    if r.code != 0:
+        raise AssertionError(f"shoal {what} failed: {r.err.strip()}")
+    if not r.out.strip():
+        return []
+    data = json.loads(r.out)
+    return list(data["items"]) if "items" in data else [data]
 
 
 @dataclass
@@ -102,13 +112,7 @@ class DevAgent:
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     def get_json(self, kind: str) -> list[dict[str, Any]]:
-        r = self.cli("get", kind, "-o", "json")
-        if r.code != 0:
-            raise AssertionError(f"get {kind} failed: {r.err}")
-        if not r.out.strip():
-            return []
-        data = json.loads(r.out)
-        return list(data["items"]) if "items" in data else [data]
+        return json_items(self.cli("get", kind, "-o", "json"), f"get {kind}")
 
     def cleanup_workloads(self) -> None:
         """Remove every container and process this agent's node made."""

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import pathlib
 import re
@@ -83,6 +82,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from tests.cluster import CliResult, json_items
 from tests.helpers import wait_until
 
 __all__ = [
@@ -124,13 +124,6 @@ class AgentExited(NetnsError):
 
 class NetnsUnavailable(NetnsError):
     """This machine cannot run network-namespace clusters (not root, no ip or nft...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CliResult:
-    code: int
-    out: str
-    err: str
 
 
 @dataclass(eq=False)
@@ -526,13 +519,7 @@ class NetnsCluster:
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     def get_json(self, kind: str) -> list[dict[str, Any]]:
-        r = self.cli("get", kind, "-o", "json")
-        if r.code != 0:
-            raise AssertionError(f"shoal get {kind} failed: {r.err.strip()}")
-        if not r.out.strip():
-            return []
-        data = json.loads(r.out)
-        return list(data["items"]) if "items" in data else [data]
+        return json_items(self.cli("get", kind, "-o", "json"), f"get {kind}")
 
     def ready_nodes(self, since: float = 0.0) -> dict[str, str]:
         """Node name -> address of every node the server reports Ready, and (with `since`,

@@ -8,7 +8,6 @@ the file runs in well under 90 s.
 
 from __future__ import annotations
 
-import json
 
 import pathlib
 import socket
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import json_items
 from tests.helpers import wait_until
 from tests.netns import GRPC_PORT, NetnsCluster, NetnsError, leftovers, process_exists, whoami_binary
 
@@ -152,11 +152,7 @@ def test_stop_cont_kill9_restart(netns_cluster: NetnsCluster) -> None:
 
 
 def _members(c: NetnsCluster) -> dict[str, dict[str, object]]:
-    r = c.cli("members", "-o", "json")
-    assert r.code == 0, r.err
-    data = json.loads(r.out)
-    items = data["items"] if "items" in data else [data]
-    return {str(m["name"]): m for m in items}
+    return {str(m["name"]): m for m in json_items(c.cli("members", "-o", "json"), "members")}
 
 
 def test_gossip_members_see_every_agent(netns_cluster: NetnsCluster) -> None:
