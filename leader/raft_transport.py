@@ -229,7 +229,11 @@ class RaftTransport:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the Raft service on `server` (before it starts)."""
-        raft_pb2_grpc.add_RaftServicer_to_server(_Servicer(self), server)
+        raft_pb2_grpc.add_RaftServicer_to_server(self.servicer(), server)
+
+    def servicer(self) -> raft_pb2_grpc.RaftServicer:
+        """The Raft service's handlers, for a server that registers them itself."""
+        return _Servicer(self)
 
     async def _check(self, cluster_id: str, src: int, dst: int, context: grpc.aio.ServicerContext) -> None:
         if cluster_id != self.cluster_id:

@@ -32,8 +32,14 @@ Rules:
   graceful restart costs no election timeout.
 - Errors from disk (`StoreError`) stop the node: it stops answering rather than
   diverge, and every later call raises the same error.
-- Membership is a static table of voters (id → Raft address) for now, bootstrapped
-  into a new cluster with `bootstrap_entries`; a server with a non-empty log ignores it.
+- Membership: a new cluster is bootstrapped from `peers` (id → Raft address) with
+  `bootstrap_entries`, the same on every initial server; a server with a non-empty log
+  ignores it. A server started with `bootstrap=False` starts empty and waits for a
+  leader to add it (`add_server`): it joins as a learner, receives the log or a
+  snapshot, and the leader promotes it to voter once it has caught up
+  (`promote_caught_up`). `remove_server` removes a voter or learner. Every change
+  carries the server's address, and the replicated server table (id → address) is
+  what the transport dials, so addresses survive restarts and reach later joiners.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from shoal.leader.raft import (
     NONE,
     ConfChange,
     ConfChangeKind,
+    ConfChangeRefused,
     Config,
     EntryKind,
     Message,
@@ -69,6 +76,7 @@ from shoal.leader.raft import (
     bootstrap_entries,
 )
 from shoal.leader.raft.config import election_timeout_seconds
+from shoal.leader.raft.confchange import validate as validate_conf_change
 from shoal.leader.raft_storage import SqliteRaftStorage
 from shoal.leader.raft_transport import SERVER_OPTIONS, RaftTransport, TransportConfig
 from shoal.leader.replicated_state import Outcome, ReplicatedState, encode_command
@@ -127,8 +135,10 @@ class RaftStore(Store):
         server: grpc.aio.Server | None = None,
         logger: Any = None,
         rng: random.Random | None = None,
+        bootstrap: bool = True,
+        external_server: bool = False,
     ) -> None:
-        if node_id not in peers:
+        if bootstrap and node_id not in peers:
             raise ConfigError(f"raft: server {node_id} is not in its own member table {sorted(peers)}")
         self._sm = ReplicatedState()
         super().__init__()
@@ -142,6 +152,7 @@ class RaftStore(Store):
         self._log = (logger if logger is not None else structlog.get_logger("shoal.raft")).bind(node=node_id)
         self._rng = rng or random.Random()
         self._peers = dict(peers)
+        self._bootstrap = bootstrap
         self._transport = RaftTransport(
             cluster_id=cluster_id,
             node_id=node_id,
@@ -151,7 +162,7 @@ class RaftStore(Store):
             logger=self._log,
             rng=random.Random(self._rng.getrandbits(64)),
         )
-        self._own_server = server is None
+        self._own_server = server is None and not external_server
         self._server = server
         if server is not None:
             self._transport.add_to_server(server)
@@ -324,6 +335,126 @@ class RaftStore(Store):
     def status(self) -> Status:
         return self._require_node().status()
 
+    @property
+    def term(self) -> int:
+        return self._node.term if self._node is not None else 0
+
+    @property
+    def servers(self) -> Mapping[int, str]:
+        """The replicated server table: id → address of every voter and learner."""
+        return dict(self._sm.servers)
+
+    async def campaign_if_alone(self) -> bool:
+        """Start an election now if this server is the only voter (a cluster of one has
+        nobody to wait for: no election timeout on start). Returns whether it did."""
+        node = self._require_node()
+        try:
+            await self.wait_for(lambda: self._sm.applied >= node.status().commit, timeout=self.config.request_timeout)
+        except TimeoutError:
+            return False
+        if node.conf_state().voters != frozenset({self.node_id}) or node.is_leader:
+            return False
+        node.campaign()
+        self._wake.set()
+        return True
+
+    def raft_servicer(self) -> Any:
+        """The Raft service's handlers, for a caller that built the store with
+        `external_server=True` and serves them on a gRPC server of its own."""
+        return self._transport.servicer()
+
+    def learn_peers(self, peers: Mapping[int, str]) -> None:
+        """Tell a joining server where the current members are, before it learns the
+        table from the log, so it accepts and answers their first messages."""
+        for id, address in peers.items():
+            if id not in self._peers:
+                self._peers[id] = address
+                self._transport.set_peer(id, address)
+
+    async def add_server(self, node_id: int, address: str, *, timeout: float | None = None) -> None:
+        """Add a server as a learner (leader only); it becomes a voter once caught up.
+
+        Returns when the learner is in the applied configuration. Adding a member again
+        with a new address updates the address. Raises `NotLeader` on a follower.
+        """
+        self._check_usable()
+        node = self._require_node()
+        conf = node.conf_state()
+        if node_id in conf.voters or node_id in conf.learners:
+            if self._sm.servers.get(node_id) == address:
+                return
+            kind = ConfChangeKind.ADD_VOTER if node_id in conf.voters else ConfChangeKind.ADD_LEARNER
+        else:
+            kind = ConfChangeKind.ADD_LEARNER
+        await self._change(ConfChange(kind=kind, node_id=node_id, context=address.encode()),
+                           lambda: self._sm.servers.get(node_id) == address, timeout)
+
+    async def remove_server(self, node_id: int, *, timeout: float | None = None) -> None:
+        """Remove a voter or learner (leader only). A leader removing itself steps down
+        once the change commits. Raises `NotLeader` on a follower."""
+        self._check_usable()
+        node = self._require_node()
+        conf = node.conf_state()
+        if node_id not in conf.voters and node_id not in conf.learners:
+            return
+        await self._change(ConfChange(kind=ConfChangeKind.REMOVE_NODE, node_id=node_id),
+                           lambda: node_id not in self._require_node().conf_state().voters | self._require_node().conf_state().learners,
+                           timeout)
+
+    async def promote_caught_up(self, *, max_lag: int = 0) -> list[int]:
+        """Leader: promote every learner whose log is within `max_lag` entries of the
+        commit index and that answered recently; returns the ids promoted."""
+        node = self._node
+        if node is None or not self.is_leader:
+            return []
+        st = node.status()
+        promoted = []
+        for id in sorted(st.conf_state.learners):
+            pr = st.progress.get(id)
+            if pr is None or not pr.recent_active or pr.match + max_lag < st.commit:
+                continue
+            address = self._sm.servers.get(id, "")
+            try:
+                await self._change(ConfChange(kind=ConfChangeKind.ADD_VOTER, node_id=id, context=address.encode()),
+                                   lambda: id in self._require_node().conf_state().voters, None)
+            except ShoalError as exc:
+                self._log.info("raft.promotion_deferred", id=id, error=str(exc))
+                break
+            self._log.info("raft.learner_promoted", id=id)
+            promoted.append(id)
+        return promoted
+
+    async def _change(self, cc: ConfChange, done: Callable[[], bool], timeout: float | None) -> None:
+        node = self._require_node()
+        if not node.is_leader:
+            raise NotLeader(node.lead)
+        validate_conf_change(node.conf_state(), cc)  # a change that can never be made
+        budget = timeout if timeout is not None else self.config.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+
+        async def _propose_then_wait() -> None:
+            while True:
+                if not node.is_leader:
+                    raise NotLeader(node.lead)
+                try:
+                    node.propose_conf_change(cc)
+                    break
+                except ConfChangeRefused:
+                    # Another change (or a new leader's own no-op) is not applied yet:
+                    # one change at a time, so wait for the next apply and try again.
+                    await self._progress.wait()
+            self._wake.set()
+            while not (done() or self._closed or self._failed is not None):
+                await self._progress.wait()
+
+        try:
+            await asyncio.wait_for(_propose_then_wait(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise Unavailable(f"membership change for server {cc.node_id} was not confirmed in time; "
+                              "check the servers' status and retry") from None
+        self._check_usable()
+
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
         """Wait until `predicate()` holds, re-checked after every Ready; `TimeoutError` if not."""
 
@@ -345,13 +476,17 @@ class RaftStore(Store):
                               logger=self._log),
         )
         self._storage = storage
-        if storage.last_index() == 0 and storage.hard_state.is_empty() and storage.snapshot().is_empty():
+        fresh = storage.last_index() == 0 and storage.hard_state.is_empty() and storage.snapshot().is_empty()
+        if fresh and self._bootstrap:
             entries, hs = bootstrap_entries(self._peers)
             await self._on_io(functools.partial(storage.write, entries=entries, hard_state=hs))
             storage.publish(entries=entries, hard_state=hs)
             self._log.info("raft.bootstrapped", voters=sorted(self._peers), cluster=self.cluster_id)
+        elif fresh:
+            self._log.info("raft.waiting_to_be_added", cluster=self.cluster_id)
         snap = storage.snapshot()
         self._sm.restore(snap.data, snap.index)
+        self._sync_peers()
         self._node = Node(
             replace(self.config.raft, applied=snap.index),
             storage,
@@ -458,8 +593,12 @@ class RaftStore(Store):
     async def _ready_loop(self) -> None:
         node = self._require_node()
         try:
+            import os as _os
+            _yields = int(_os.environ.get("SHOAL_EXP_YIELD", "0"))
             while not self._stopping:
                 await self._wake.wait()
+                for _ in range(_yields):
+                    await asyncio.sleep(0)
                 self._wake.clear()
                 while not self._stopping and node.has_ready():
                     rd = node.ready()
@@ -543,12 +682,24 @@ class RaftStore(Store):
 
     def _on_conf_change(self, cc: ConfChange) -> None:
         if cc.kind is ConfChangeKind.REMOVE_NODE:
+            self._sm.servers.pop(cc.node_id, None)
             self._peers.pop(cc.node_id, None)
-            self._transport.remove_peer(cc.node_id)
+            if cc.node_id != self.node_id:
+                self._transport.remove_peer(cc.node_id)
+            self._log.info("raft.server_removed", id=cc.node_id)
         elif cc.context:
             address = cc.context.decode()
+            self._sm.servers[cc.node_id] = address
             self._peers[cc.node_id] = address
             self._transport.set_peer(cc.node_id, address)
+            self._log.info("raft.server_added", id=cc.node_id, address=address,
+                           suffrage="learner" if cc.kind is ConfChangeKind.ADD_LEARNER else "voter")
+
+    def _sync_peers(self) -> None:
+        """Dial what the replicated server table says (after a restore)."""
+        for id, address in self._sm.servers.items():
+            self._peers[id] = address
+            self._transport.set_peer(id, address)
 
     def _settle(self, index: int, term: int, outcome: Outcome | None) -> None:
         if outcome is not None and outcome.client_id:
@@ -567,6 +718,7 @@ class RaftStore(Store):
 
     async def _restore(self, data: bytes, index: int) -> None:
         self._sm.restore(data, index)
+        self._sync_peers()
         self._log.info("raft.state_restored", index=index, revision=self._sm.state.revision)
         # Proposals covered by the snapshot: the sessions say which of them applied.
         for i in [i for i in self._proposals if i <= index]:

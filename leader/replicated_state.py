@@ -18,9 +18,13 @@ Rules:
   and records its error as the outcome, identically on every server.
 - Everything here is deterministic: the same entries in the same order give the same
   state, sessions and snapshot bytes on every server.
-- Snapshot bytes: `MAGIC` | len(sessions JSON) u32 | sessions JSON | the ClusterState
-  snapshot. `restore` also accepts a bare ClusterState snapshot (no sessions) and
-  empty bytes (the empty state).
+- The server table (Raft id → the server's address) is replicated too: it changes when
+  a membership change is applied (`set_server`/`remove_server`, from the change's
+  context), so every server, and one that joins later from a snapshot, knows where its
+  peers are.
+- Snapshot bytes: `MAGIC` | len(sessions JSON) u32 | sessions JSON (with the server
+  table under "servers") | the ClusterState snapshot. `restore` also accepts a bare
+  ClusterState snapshot (no sessions) and empty bytes (the empty state).
 """
 
 from __future__ import annotations
@@ -174,12 +178,22 @@ class Sessions:
 class ReplicatedState:
     """ClusterState + Sessions + the last applied index: what every server agrees on."""
 
-    __slots__ = ("state", "sessions", "applied")
+    __slots__ = ("state", "sessions", "applied", "servers")
 
     def __init__(self) -> None:
         self.state = ClusterState()
         self.sessions = Sessions()
         self.applied = 0
+        self.servers: dict[int, str] = {}
+
+    def set_server(self, index: int, node_id: int, address: str) -> None:
+        """A membership change at `index` added (or re-addressed) server `node_id`."""
+        self.servers[node_id] = address
+        self.applied = index
+
+    def remove_server(self, index: int, node_id: int) -> None:
+        self.servers.pop(node_id, None)
+        self.applied = index
 
     def apply_noop(self, index: int) -> None:
         """An entry with no command (a leader's no-op, a membership change)."""
@@ -209,18 +223,22 @@ class ReplicatedState:
         return Outcome(client_id=cmd.client_id, seq=cmd.seq, revision=revision, error=error)
 
     def snapshot(self) -> bytes:
-        sessions = json.dumps(self.sessions.to_json(), separators=(",", ":")).encode()
+        raw = self.sessions.to_json()
+        raw["servers"] = [[id, addr] for id, addr in sorted(self.servers.items())]
+        sessions = json.dumps(raw, separators=(",", ":")).encode()
         return _SNAP_MAGIC + _LEN.pack(len(sessions)) + sessions + self.state.to_snapshot()
 
     def restore(self, data: bytes, index: int) -> None:
         if not data:
-            self.state, self.sessions = ClusterState(), Sessions()
+            self.state, self.sessions, self.servers = ClusterState(), Sessions(), {}
         elif data.startswith(_SNAP_MAGIC):
             off = len(_SNAP_MAGIC)
             (n,) = _LEN.unpack_from(data, off)
             off += _LEN.size
-            self.sessions = Sessions.from_json(json.loads(data[off : off + n]))
+            raw = json.loads(data[off : off + n])
+            self.sessions = Sessions.from_json(raw)
+            self.servers = {int(id): str(addr) for id, addr in raw.get("servers", [])}
             self.state = ClusterState.from_snapshot(data[off + n :])
         else:
-            self.state, self.sessions = ClusterState.from_snapshot(data), Sessions()
+            self.state, self.sessions, self.servers = ClusterState.from_snapshot(data), Sessions(), {}
         self.applied = index

@@ -20,7 +20,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .errors import ConfChangeRefused
 from .messages import ConfChange, ConfChangeKind, ConfState, Entry, EntryKind, HardState
@@ -59,13 +59,15 @@ def apply(conf: ConfState, cc: ConfChange) -> ConfState:
     return ConfState(voters=frozenset(voters), learners=frozenset(learners))
 
 
-def bootstrap_entries(voters: Iterable[int]) -> tuple[list[Entry], HardState]:
+def bootstrap_entries(voters: Iterable[int] | Mapping[int, str]) -> tuple[list[Entry], HardState]:
     """The log and hard state every initial server of a new cluster starts with.
 
     Persist both on each initial server before creating its `Node`; the entries come
     back as committed entries in the first Ready and the application applies them like
-    any other membership change.
+    any other membership change. Given a mapping id → address, each entry carries the
+    address as its context, as a later ADD_VOTER/ADD_LEARNER does.
     """
+    addresses = dict(voters) if isinstance(voters, Mapping) else {}
     ids = sorted(set(voters))
     if not ids or ids[0] <= 0:
         raise ConfChangeRefused("a cluster needs at least one voter, with positive ids")
@@ -74,7 +76,9 @@ def bootstrap_entries(voters: Iterable[int]) -> tuple[list[Entry], HardState]:
             term=1,
             index=i,
             kind=EntryKind.CONF_CHANGE,
-            data=ConfChange(kind=ConfChangeKind.ADD_VOTER, node_id=id).encode(),
+            data=ConfChange(
+                kind=ConfChangeKind.ADD_VOTER, node_id=id, context=addresses.get(id, "").encode()
+            ).encode(),
         )
         for i, id in enumerate(ids, start=1)
     ]
