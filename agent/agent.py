@@ -40,6 +40,7 @@ from shoal.agent.proxy import ServiceProxy
 from shoal.agent.reconciler import Reconciler
 from shoal.agent.runtime.base import Observed
 from shoal.errors import ShoalError
+from shoal.metadata import LEADER_HINT
 from shoal.model import Driver, Probe, ProbeKind, Resources, RunSpec
 from shoal.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -124,6 +125,8 @@ class AgentShell:
         self._clock = clock
         self._log = logger or structlog.get_logger("shoal.agent")
         self._fence: tuple[int, int] = (0, -1)
+        # Where a follower said the leader is; used until a stream to it fails.
+        self._hint: str | None = None
         self._tables_revision = -1
         self.ready: dict[str, str] = {}  # replica id → the handle found ready
         # One supervising task per running replica (probes, or the default check), and
@@ -139,6 +142,8 @@ class AgentShell:
 
     @property
     def leader_addr(self) -> str | None:
+        if self._hint:
+            return self._hint
         return self._leader_addr() if callable(self._leader_addr) else self._leader_addr
 
     # -- events the agent reports --------------------------------------------------
@@ -346,8 +351,16 @@ class AgentShell:
                 raise
             except grpc.aio.AioRpcError as exc:
                 self._log.info("agent.stream_broken", leader=self.leader_addr, code=exc.code().name, detail=exc.details())
+                hint = _leader_hint(exc)
+                if hint and hint != self._hint:
+                    # A follower named the leader: go there at once.
+                    self._hint = hint
+                    self.connected.clear()
+                    continue
+                self._hint = None
             except Exception as exc:
                 self._log.warning("agent.stream_failed", leader=self.leader_addr, error=repr(exc))
+                self._hint = None
             self.connected.clear()
             if self._clock() - started > 5.0:
                 delay = 0.1
@@ -415,6 +428,14 @@ class AgentShell:
         self._tables_revision = t.revision
         self.tables = list(t.tables)
         await self.proxy.update(t.tables)
+
+
+def _leader_hint(exc: grpc.aio.AioRpcError) -> str | None:
+    """The leader's address a follower put in its refusal, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == LEADER_HINT:
+            return str(value)
+    return None
 
 
 def _probes_of(spec: RunSpec) -> tuple[Probe | None, ...] | None:

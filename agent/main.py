@@ -1,9 +1,10 @@
 """Start an agent: the process behind `shoal agent`.
 
-A server agent (`--dev` or `--server`) hosts the state store, the control loop and the
-gRPC API (`Control`, `Agent`, health, reflection) on its gRPC port. Every agent, servers
-included, runs the agent side: it opens the watch stream to a server (itself, over real
-gRPC, when it is one), runs what it is assigned and proxies service ports.
+A server agent (`--dev` or `--server`) holds a replica of the cluster state (Raft, see
+`shoal.leader.server`) and serves the gRPC API (`Control`, `Agent`, `Raft`, health,
+reflection) on its gRPC port; the leader among the servers runs the control loop. Every
+agent, servers included, runs the agent side: it opens the watch stream to the leader
+(over real gRPC, itself included), runs what it is assigned and proxies service ports.
 
 Everything the process holds hangs off one `AgentProcess`, built from one `AgentConfig`.
 """
@@ -44,9 +45,11 @@ from shoal.leader.leader import ControlLoop
 from shoal.leader.records import ReplicaRecord
 from shoal.leader.scheduler import Scheduler, SchedulerConfig
 from shoal.leader.state import NewEvent, Put, Txn
-from shoal.leader.store import SqliteStore
+from shoal.leader.replicated import RaftStore
+from shoal.leader.server import PeerServer, ServerConfig, ServerRole
+from shoal.leader.store import Store
 from shoal.model import Driver, Resources
-from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, raft_pb2
 
 __all__ = ["AgentConfig", "AgentProcess", "default_data_dir", "run"]
 
@@ -71,6 +74,9 @@ class AgentConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     gossip_port: int = DEFAULT_GOSSIP_PORT  # UDP and TCP
     join: tuple[str, ...] = ()  # gossip seeds: any agent already in the cluster, HOST[:PORT]
+    # Servers to wait for before bootstrapping a new cluster (0: --server alone bootstraps
+    # a cluster of one without --join, and joins the existing cluster with it).
+    bootstrap_expect: int = 0
     data_dir: pathlib.Path | None = None
     node_name: str = ""
     labels: tuple[tuple[str, str], ...] = ()
@@ -95,6 +101,10 @@ class AgentConfig:
         # other hosts' proxies would forward to their own loopback instead.
         if not 0 <= self.gossip_port < 65536:
             raise ConfigError(f"--gossip-port must be between 1 and 65535, got {self.gossip_port}")
+        if self.bootstrap_expect and not self.server:
+            raise ConfigError("--bootstrap-expect is for servers: add --server")
+        if self.bootstrap_expect < 0 or self.bootstrap_expect > 9:
+            raise ConfigError(f"--bootstrap-expect must be between 1 and 9 (servers), got {self.bootstrap_expect}")
         if not self.dev and not self.advertise and self.bind in ("0.0.0.0", "::", ""):
             raise ConfigError(
                 f"--bind {self.bind or '0.0.0.0'} listens on every address, but other hosts need one "
@@ -104,6 +114,15 @@ class AgentConfig:
     @property
     def is_server(self) -> bool:
         return self.dev or self.server
+
+    @property
+    def expect(self) -> int:
+        """How many servers form the first cluster (0: only join an existing one)."""
+        if self.dev:
+            return 1
+        if self.bootstrap_expect:
+            return self.bootstrap_expect
+        return 0 if self.join else 1
 
     @property
     def advertise_address(self) -> str:
@@ -135,7 +154,8 @@ class AgentProcess:
         self.node_name = config.node_name or socket.gethostname()
         self.rng = random.Random(config.seed)
         self.server: grpc.aio.Server | None = None
-        self.store: SqliteStore | None = None
+        self.role: ServerRole | None = None
+        self._meta: dict[str, str] = {}
         self.shell: AgentShell | None = None
         self.gossip: GossipShell | None = None
         self.runtimes: dict[Driver, Runtime] = {}
@@ -177,6 +197,7 @@ class AgentProcess:
             meta=meta,
             swim=SwimConfig.local() if cfg.dev else SwimConfig.lan(),
         )
+        self._meta = dict(meta)
         self.gossip = GossipShell(gcfg, rng=random.Random(self.rng.random()))
         await self.gossip.start()
         if cfg.join:
@@ -193,7 +214,28 @@ class AgentProcess:
         )
         return servers[0].meta_get("grpc") if servers else None
 
-    async def _record_membership(self, store: SqliteStore) -> None:
+    def _peer_servers(self) -> list[PeerServer]:
+        """Servers in the gossip view that announce a Raft identity."""
+        if self.gossip is None:
+            return []
+        out = []
+        for m in self.gossip.members():
+            if m.meta_get("role") != "server" or m.name == self.node_name:
+                continue
+            try:
+                out.append(PeerServer(name=m.name, id=int(m.meta_get("raft_id") or 0), address=m.meta_get("grpc") or "",
+                                      cluster=m.meta_get("cluster") or "", expect=int(m.meta_get("expect") or 0),
+                                      live=m.live))
+            except ValueError:
+                continue
+        return [p for p in out if p.id > 0 and p.address]
+
+    def _publish(self, extra: dict[str, str]) -> None:
+        self._meta.update(extra)
+        if self.gossip is not None:
+            self.gossip.update_meta(self._meta)
+
+    async def _record_membership(self, store: Store) -> None:
         """Membership changes become cluster events (and a dead host's node goes Down)."""
         assert self.gossip is not None
         queue = self.gossip.subscribe()
@@ -210,7 +252,7 @@ class AgentProcess:
             ops: list[Put] = []
             raw = store.state.get("nodes", m.name)
             if kind in ("dead", "leave") and raw is not None and raw.get("status") != "Down":
-                ops.append(Put(kind="nodes", name=m.name, value=dict(raw, status="Down")))
+                ops.append(Put(kind="nodes", name=m.name, value=dict(raw, status="Down", down_since=time.time())))
             try:
                 await store.commit(Txn(ops=tuple(ops), events=(NewEvent(
                     time=time.time(), type=type_, reason=reason, object=f"node/{m.name}",
@@ -232,18 +274,33 @@ class AgentProcess:
 
     async def _start_server(self) -> None:
         cfg = self.config
-        self.store = SqliteStore(self.data_dir / "state.db")
         controller = Controller(Scheduler(SchedulerConfig(), random.Random(self.rng.random())), random.Random(self.rng.random()))
+
+        async def control_loop(store: RaftStore) -> None:
+            await ControlLoop(store, controller).run()
+
+        self.role = role = ServerRole(
+            ServerConfig(data_dir=self.data_dir, address=self.grpc_target, node_name=self.node_name,
+                         bootstrap_expect=cfg.expect),
+            peers=self._peer_servers,
+            publish=self._publish,
+            duties=(control_loop, self._record_membership),
+            rng=random.Random(self.rng.random()),
+        )
+        store = role.handle
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
         control_pb2_grpc.add_ControlServicer_to_server(
-            ControlService(self.store, controller, log_source=self._logs, members=self.members), server
+            ControlService(store, controller, log_source=self._logs, members=self.members, cluster=role), server
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.store, controller), server)
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentService(store, controller, term=lambda: role.store.term if role.store else 0, cluster=role), server)
+        role.add_to_server(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (
             control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
             agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,
+            raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -255,13 +312,27 @@ class AgentProcess:
             raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
         if port == 0:
             raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+        for name in ("", *names[:3]):  # grpc's health servicer starts "" as SERVING
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server = server
-        for name in ("", *names[:2]):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        loop = ControlLoop(self.store, controller)
-        self._tasks.append(asyncio.create_task(loop.run(), name="control-loop"))
-        self._tasks.append(asyncio.create_task(self._record_membership(self.store), name="membership"))
+        await role.start()
+
+        async def serving() -> None:
+            # SERVING once this server holds a replica of the state and a leader is known
+            # (a cluster of one, as in --dev: once it leads), so "healthy" means "takes
+            # requests".
+            await role.handle.wait_ready()
+            store = role.store
+            assert store is not None
+            await store.wait_for(lambda: store.leader_id != 0)
+            for name in (*names[:3], ""):  # the whole server last: it is what callers wait on
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        if cfg.expect == 1 and role.store is not None:
+            await asyncio.wait_for(serving(), timeout=10.0)
+        else:
+            self._tasks.append(asyncio.create_task(serving(), name="health"))
 
     def _make_runtimes(self) -> dict[Driver, Runtime]:
         runtimes: dict[Driver, Runtime] = {}
@@ -296,7 +367,10 @@ class AgentProcess:
             labels=cfg.labels,
             version=shoal.__version__,
         )
-        leader: str | Callable[[], str | None] = self.grpc_target if cfg.is_server else self._server_address
+        leader: Callable[[], str | None] = self._server_address
+        if self.role is not None:
+            role = self.role
+            leader = lambda: role.leader_address() or self._server_address()  # noqa: E731
         self.shell = AgentShell(identity, leader, reconciler, proxy)
         shell_ref.append(self.shell)
         self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
@@ -323,14 +397,16 @@ class AgentProcess:
         for runtime in self.runtimes.values():
             with contextlib.suppress(Exception):
                 await runtime.close()
+        if self.role is not None:
+            # A leader hands over first, so the others need no election timeout.
+            with contextlib.suppress(Exception):
+                await self.role.close()
         if self.gossip is not None:
             with contextlib.suppress(Exception):
                 await self.gossip.leave()
             await self.gossip.close()
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        if self.store is not None:
-            await self.store.close()
         self.log.info("agent.stopped", node=self.node_name)
 
     async def wait(self) -> None:

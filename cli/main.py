@@ -108,6 +108,7 @@ def agent(
     dev: Annotated[bool, typer.Option("--dev", help="Server and client in one process, loopback only, per-user data dir.")] = False,
     server: Annotated[bool, typer.Option("--server", help="Hold the cluster state and serve the API.")] = False,
     join: Annotated[list[str] | None, typer.Option("--join", help="An agent already in the cluster (HOST[:GOSSIP_PORT]); repeatable.")] = None,
+    bootstrap_expect: Annotated[int, typer.Option("--bootstrap-expect", help="With --server: wait for this many servers, then form a new cluster (3 or 5 for fault tolerance).")] = 0,
     bind: Annotated[str, typer.Option("--bind", help="Address to listen on.")] = "127.0.0.1",
     advertise: Annotated[str, typer.Option("--advertise", help="Address other hosts use to reach this one.")] = "",
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC API port.")] = 7420,
@@ -135,6 +136,7 @@ def agent(
         dev=dev,
         server=server,
         join=tuple(join or ()),
+        bootstrap_expect=bootstrap_expect,
         bind=bind,
         advertise=advertise,
         grpc_port=grpc_port,
@@ -254,7 +256,7 @@ def scale(
 
 @app.command()
 def get(
-    kind: Annotated[str, typer.Argument(help="deployments, services, pods, endpoints, nodes or events.")],
+    kind: Annotated[str, typer.Argument(help="deployments, services, pods, endpoints, nodes, events or servers.")],
     name: Annotated[str, typer.Argument()] = "",
     output: Output = "",
     addr: Addr = "",
@@ -263,6 +265,9 @@ def get(
 
     def go() -> None:
         k, n = (kind.split("/", 1) if "/" in kind and not name else (kind, name))
+        if k.lower() in ("servers", "server"):
+            _print_servers(addr, n, output)
+            return
         with _client(addr) as c:
             resp = c.get(k, n)
         _print_get(resp, output)
@@ -405,6 +410,56 @@ def members(
         rows = [[m.name, m.address, m.role, m.state, m.incarnation,
                  "-" if m.heard_ago < 0 else f"{m.heard_ago:.1f}s"] for m in items]
         out.print(_table(["NAME", "ADDRESS", "ROLE", "STATE", "INCARNATION", "LAST HEARD"], rows), markup=False)
+
+    _run(go)
+
+
+def _print_servers(addr: str, name: str, output: str) -> None:
+    with _client(addr) as c:
+        items = list(c.servers().servers)
+    if name:
+        items = [s for s in items if name in (s.name, s.address, str(s.id))]
+        if not items:
+            _fail(f'server "{name}" not found')
+    if output in ("yaml", "json"):
+        _dump(items, output)
+        return
+    rows = [[s.name or "-", s.id, s.address, s.role, s.suffrage or "-", s.term, s.commit, s.applied,
+             "-" if s.lag < 0 else s.lag] for s in items]
+    out.print(_table(["NAME", "ID", "ADDRESS", "ROLE", "SUFFRAGE", "TERM", "COMMIT", "APPLIED", "LAG"], rows),
+              markup=False)
+
+
+server_app = typer.Typer(help="Add or remove Raft servers (see: shoal get servers).", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("add")
+def server_add(
+    address: Annotated[str, typer.Argument(help="The new server's gRPC address, HOST:PORT (its agent runs with --server).")],
+    addr: Addr = "",
+) -> None:
+    """Add a server: it joins as a learner and votes once it has caught up."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            resp = c.add_server(address)
+        out.print(f"server {resp.id} at {address} added to cluster {resp.cluster}", markup=False)
+
+    _run(go)
+
+
+@server_app.command("remove")
+def server_remove(
+    server: Annotated[str, typer.Argument(help="The server's name, address or id (see: shoal get servers).")],
+    addr: Addr = "",
+) -> None:
+    """Remove a server from the cluster (a dead one, or one being retired)."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            resp = c.remove_server(server)
+        out.print(f"server {resp.id} removed", markup=False)
 
     _run(go)
 

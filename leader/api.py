@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import structlog
@@ -39,6 +39,9 @@ from shoal.leader.store import Store
 from shoal.manifest import MAX_DOCUMENT_BYTES, Document, parse_text
 from shoal.model import DeploymentSpec
 from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from shoal.leader.server import ServerRole
 
 __all__ = ["ControlService", "LogSource", "status_for", "KIND_ALIASES"]
 
@@ -101,6 +104,20 @@ def _edge(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _on_leader(fn: F) -> F:
+    """Leader-only work (every write): a follower forwards the request to the leader."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: ControlService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self._cluster is not None and not self._cluster.is_leader():
+            answer = await self._cluster.forward(fn.__name__, request, context)
+            if answer is not None:
+                return answer
+        return await fn(self, request, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _template_key(spec: DeploymentSpec) -> tuple[Any, ...]:
     """What, when it changes, makes replicas roll over to a new template generation."""
     return (spec.container, spec.template_labels, spec.driver, spec.node_selector)
@@ -114,10 +131,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
         *,
         log_source: LogSource | None = None,
         members: Callable[[], list[Any]] | None = None,
+        cluster: ServerRole | None = None,
         clock: Callable[[], float] = time.time,
         logger: Any = None,
     ) -> None:
         self._store = store
+        self._cluster = cluster
         self._controller = controller
         self._log_source = log_source
         self._members = members
@@ -127,6 +146,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
     # -- apply ----------------------------------------------------------------------
 
     @_edge
+    @_on_leader
     async def Apply(self, request: control_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> control_pb2.ApplyResponse:
         docs: list[Document] = []
         problems: list[ManifestProblem] = []
@@ -208,6 +228,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         kind = KIND_ALIASES.get(request.kind.lower())
         if kind is None:
             raise _InvalidRequest(f'unknown resource type "{request.kind}"; use one of deployments, services, pods, endpoints, nodes, events')
+        if self._cluster is not None:
+            # Linearizable: what any write acknowledged before this call wrote is visible,
+            # on a follower too; a deposed leader cannot pass this point.
+            await self._cluster.read_barrier()
         state = self._store.state
         resp = control_pb2.GetResponse()
         replicas = [ReplicaRecord.from_dict(r) for r in state.list("replicas")]
@@ -260,6 +284,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
     # -- writes ---------------------------------------------------------------------
 
     @_edge
+    @_on_leader
     async def Delete(self, request: control_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> control_pb2.DeleteResponse:
         kind = KIND_ALIASES.get(request.kind.lower())
         if kind not in ("deployments", "services"):
@@ -278,6 +303,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return control_pb2.DeleteResponse(kind=kind, name=request.name)
 
     @_edge
+    @_on_leader
     async def Scale(self, request: control_pb2.ScaleRequest, context: grpc.aio.ServicerContext) -> control_pb2.ScaleResponse:
         if request.replicas < 0:
             raise _InvalidRequest(f"replicas must be 0 or more, got {request.replicas}")
@@ -327,3 +353,29 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def Members(self, request: control_pb2.MembersRequest, context: grpc.aio.ServicerContext) -> control_pb2.MembersResponse:
         return control_pb2.MembersResponse(members=self._members() if self._members else [])
+
+    # -- servers ----------------------------------------------------------------------
+
+    def _require_cluster(self) -> ServerRole:
+        if self._cluster is None:
+            raise Unavailable("this server has no replicated store")
+        return self._cluster
+
+    @_edge
+    async def Servers(self, request: control_pb2.ServersRequest, context: grpc.aio.ServicerContext) -> control_pb2.ServersResponse:
+        cluster = self._require_cluster()
+        if request.local:
+            return control_pb2.ServersResponse(servers=[cluster.local_status(cluster.config.node_name)])
+        return control_pb2.ServersResponse(servers=await cluster.servers())
+
+    @_edge
+    @_on_leader
+    async def AddServer(self, request: control_pb2.AddServerRequest, context: grpc.aio.ServicerContext) -> control_pb2.AddServerResponse:
+        return await self._require_cluster().add_server(request)
+
+    @_edge
+    @_on_leader
+    async def RemoveServer(self, request: control_pb2.RemoveServerRequest, context: grpc.aio.ServicerContext) -> control_pb2.RemoveServerResponse:
+        if not request.id and not request.name:
+            raise _InvalidRequest("RemoveServer needs a server id or name")
+        return control_pb2.RemoveServerResponse(id=await self._require_cluster().remove_server(request))

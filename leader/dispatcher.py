@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -31,6 +31,9 @@ from shoal.leader.controller import Controller
 from shoal.leader.records import DeploymentRecord
 from shoal.model import Probe
 from shoal.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from shoal.leader.server import ServerRole
 
 __all__ = ["AgentService", "apply_report", "assignments_for", "probe_pb"]
 
@@ -153,10 +156,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         controller: Controller,
         *,
         term: Callable[[], int] = lambda: 1,
+        cluster: ServerRole | None = None,
         clock: Callable[[], float] = time.time,
         logger: Any = None,
     ) -> None:
         self._store = store
+        self._cluster = cluster
         self._controller = controller
         self._term = term
         self._clock = clock
@@ -169,6 +174,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def Watch(
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.LeaderMessage]:
+        if self._cluster is not None and not self._cluster.is_leader():
+            # Agents follow the leader: tell this one where it is.
+            code, message, trailers = self._cluster.refusal()
+            context.set_trailing_metadata(trailers)
+            await context.abort(code, message)
         it = request_iterator.__aiter__()
         try:
             first = await it.__anext__()
@@ -190,6 +200,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         last_tables: bytes | None = None
         try:
             while not reader.done():
+                if self._cluster is not None and not self._cluster.is_leader():
+                    # Deposed: end the stream so the agent finds the new leader (its
+                    # assignments from here would carry a stale term anyway).
+                    code, message, trailers = self._cluster.refusal()
+                    context.set_trailing_metadata(trailers)
+                    await context.abort(code, message)
                 state = self._store.state
                 revision = state.revision
                 assign = assignments_for(state, self._controller, node, self._term())
@@ -202,7 +218,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 if tkey != last_tables:
                     last_tables = tkey
                     yield agent_pb2.LeaderMessage(tables=tables)
-                waiter = asyncio.ensure_future(self._store.wait(revision, timeout=10.0))
+                waiter = asyncio.ensure_future(
+                    self._store.wait(revision, timeout=10.0 if self._cluster is None else 0.5))
                 await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:

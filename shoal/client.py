@@ -96,6 +96,17 @@ class Client:
     def members(self) -> control_pb2.MembersResponse:
         return self._call("Members", control_pb2.MembersRequest())
 
+    def servers(self) -> control_pb2.ServersResponse:
+        return self._call("Servers", control_pb2.ServersRequest())
+
+    def add_server(self, address: str) -> control_pb2.AddServerResponse:
+        return self._call("AddServer", control_pb2.AddServerRequest(address=address))
+
+    def remove_server(self, server: str) -> control_pb2.RemoveServerResponse:
+        if server.isdigit():
+            return self._call("RemoveServer", control_pb2.RemoveServerRequest(id=int(server)))
+        return self._call("RemoveServer", control_pb2.RemoveServerRequest(name=server))
+
     def events(self, *, since: int = 0, follow: bool = False, obj: str = "") -> Iterator[types_pb2.Event]:
         return self._stream("WatchEvents", control_pb2.WatchEventsRequest(since=since, follow=follow, object=obj), follow=follow)
 

@@ -1,8 +1,9 @@
 """Real agent processes for end-to-end tests: start, kill -9, restart, clean up.
 
-`DevAgent` runs `python -m shoal agent --dev` as a subprocess with its own data dir,
-gRPC port and node name (so its containers are told apart from anyone else's), and
-drives the CLI as a user would. Teardown removes every container and process it made.
+`DevAgent` runs `python -m shoal agent --dev` (or, with `mode`, a `--server` of a
+multi-server cluster on loopback) as a subprocess with its own data dir, gRPC port and
+node name (so its containers are told apart from anyone else's), and drives the CLI as
+a user would. Teardown removes every container and process it made.
 """
 
 from __future__ import annotations
@@ -54,28 +55,34 @@ class DevAgent:
     proc: subprocess.Popen[bytes] | None = None
     log_path: pathlib.Path | None = None
     extra_args: tuple[str, ...] = ()
+    mode: tuple[str, ...] = ("--dev",)
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 30.0) -> float:
-        """Start the agent; returns seconds until its gRPC health check said SERVING."""
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> float:
+        """Start the agent; returns seconds until its gRPC health check said SERVING
+        (with `wait=False`, returns at once: call `wait_serving`)."""
         self.log_path = self.data_dir / "agent.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "agent", "--dev", "--data-dir", str(self.data_dir),
+            [sys.executable, "-m", "shoal", "agent", *self.mode, "--data-dir", str(self.data_dir),
              "--grpc-port", str(self.grpc_port), "--gossip-port", str(self.gossip_port), "--node-name", self.node, "--seed", "7", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         log.close()
+        if wait:
+            self.wait_serving(timeout)
+        return time.monotonic() - t0
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
         try:
             wait_until(self._serving, timeout, what=f"agent {self.node} to serve")
         except AssertionError:
             raise AssertionError(f"agent did not start; log:\n{self.log()}") from None
-        return time.monotonic() - t0
 
     def _serving(self) -> bool:
         assert self.proc is not None
@@ -95,6 +102,10 @@ class DevAgent:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -70,6 +70,21 @@ class ControlStub:
                 request_serializer=shoal_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_control__pb2.MembersResponse.FromString,
                 _registered_method=True)
+        self.Servers = channel.unary_unary(
+                '/shoal.v1.Control/Servers',
+                request_serializer=shoal_dot_v1_dot_control__pb2.ServersRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.ServersResponse.FromString,
+                _registered_method=True)
+        self.AddServer = channel.unary_unary(
+                '/shoal.v1.Control/AddServer',
+                request_serializer=shoal_dot_v1_dot_control__pb2.AddServerRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.AddServerResponse.FromString,
+                _registered_method=True)
+        self.RemoveServer = channel.unary_unary(
+                '/shoal.v1.Control/RemoveServer',
+                request_serializer=shoal_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -122,6 +137,26 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Servers(self, request, context):
+        """The Raft servers: each one's role, term, commit and applied index, and lag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddServer(self, request, context):
+        """Add a server (as a learner, promoted to voter once it has caught up) or remove one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveServer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +194,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Members,
                     request_deserializer=shoal_dot_v1_dot_control__pb2.MembersRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_control__pb2.MembersResponse.SerializeToString,
+            ),
+            'Servers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Servers,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.ServersRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.ServersResponse.SerializeToString,
+            ),
+            'AddServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddServer,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.AddServerRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.AddServerResponse.SerializeToString,
+            ),
+            'RemoveServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServer,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.RemoveServerRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.RemoveServerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +400,87 @@ class Control:
             '/shoal.v1.Control/Members',
             shoal_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
             shoal_dot_v1_dot_control__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Servers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/Servers',
+            shoal_dot_v1_dot_control__pb2.ServersRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.ServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/AddServer',
+            shoal_dot_v1_dot_control__pb2.AddServerRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.AddServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/RemoveServer',
+            shoal_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
             options,
             channel_credentials,
             insecure,
