@@ -71,12 +71,20 @@ def _resolve_target_port(service_target: int | str, spec: DeploymentSpec) -> int
     return None
 
 
+NODE_LOST_GRACE = 1.0
+"""Seconds a node stays Down (dead in gossip, not refuted) before its replicas are
+replaced elsewhere. Gossip already waited out a suspicion timeout that the member could
+refute, so this only absorbs a flap; short, because a dead host's replicas serve nobody
+(they leave every table as soon as the node is Down)."""
+
+
 class Controller:
     """Turns declared deployments and services into replicas, placements and tables."""
 
-    def __init__(self, scheduler: Scheduler, rng: random.Random) -> None:
+    def __init__(self, scheduler: Scheduler, rng: random.Random, *, node_lost_grace: float = NODE_LOST_GRACE) -> None:
         self._scheduler = scheduler
         self._rng = rng
+        self.node_lost_grace = node_lost_grace
         # (kind, name) -> (generation, manifest, spec). The manifest is compared too: a
         # deleted and re-created object starts again at generation 1 with new content.
         self._specs: dict[tuple[str, str], tuple[int, dict[str, Any], DeploymentSpec | ServiceSpec | None]] = {}
@@ -138,6 +146,17 @@ class Controller:
         taken = set(replicas)
         specs = {name: self.deployment_spec(rec) for name, rec in deployments.items()}
 
+        # 0: replicas on a host that has been Down for the grace period are lost: forget
+        # them, so the counts below replace them elsewhere. If the host comes back, it is
+        # no longer assigned them and its agent stops them.
+        for r in sorted(replicas.values(), key=lambda r: r.id):
+            node = nodes.get(r.node) if r.node else None
+            if node is None or node.status != "Down" or now - node.down_since < self.node_lost_grace:
+                continue
+            ops.append(Delete(kind="replicas", name=r.id))
+            replicas.pop(r.id)
+            events.append(_event(now, "Warning", "NodeLost", f"pod/{r.id}",
+                                 f"node {node.name} is down; replacing the replica on another node"))
         by_deployment: dict[str, list[ReplicaRecord]] = {}
         for r in replicas.values():
             by_deployment.setdefault(r.deployment, []).append(r)
@@ -268,6 +287,8 @@ class Controller:
                     node = nodes.get(r.node)
                     if r.deployment != dep_name or not r.ready or node is None or not r.host_port:
                         continue
+                    if node.status == "Down":
+                        continue  # a dead host serves nobody, ready or not when it died
                     endpoints.append(Endpoint(replica_id=r.id, address=node.address, port=r.host_port, weight=weight))
             prev_raw = state.get("tables", name)
             previous = _table_from_record(TableRecord.from_dict(prev_raw)) if prev_raw else None

@@ -97,6 +97,7 @@ class NodeRecord(_Record):
     last_seen: float = 0.0
     version: str = ""
     blocked_ports: list[int] = field(default_factory=list)  # taken by something else
+    down_since: float = 0.0  # when gossip declared it dead (status Down)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -451,3 +451,52 @@ async def test_random_histories_always_settle(seed: int) -> None:
         assert [e["pod"] for e in table(store).endpoints] == ready
         ports = [r.host_port for r in replicas(store)]
         assert len(set(ports)) == len(ports)
+
+
+# -- a lost host --------------------------------------------------------------------
+
+
+async def mark_down(store: Store, name: str, since: float) -> None:
+    rec = dataclasses.replace(NodeRecord.from_dict(store.state.get("nodes", name) or {}), status="Down", down_since=since)
+    await store.commit(Txn(ops=(Put(kind="nodes", name=name, value=rec.to_dict()),)))
+
+
+async def test_a_down_host_leaves_the_tables_at_once_and_its_replicas_move_after_the_grace() -> None:
+    store, ctl = MemoryStore(), controller()
+    await with_node(store, "n1", "10.0.0.1")
+    await with_node(store, "n2", "10.0.0.2")
+    raw = deployment_raw(replicas=2)
+    raw["metadata"]["annotations"] = {"shoal.io/placement": "spread"}
+    await put_deployment(store, raw)
+    await put_service(store, service_raw())
+    await settle(ctl, store)
+    for r in replicas(store):
+        await make_ready(store, r.id)
+    await settle(ctl, store)
+    assert {e["address"] for e in table(store).endpoints} == {"10.0.0.1", "10.0.0.2"}
+    lost = [r.id for r in replicas(store) if r.node == "n2"]
+    assert len(lost) == 1
+
+    await mark_down(store, "n2", NOW)
+    await settle(ctl, store, NOW + ctl.node_lost_grace / 2)
+    assert {e["address"] for e in table(store).endpoints} == {"10.0.0.1"}, "a dead host serves nobody"
+    assert lost[0] in {r.id for r in replicas(store)}, "within the grace period the replica stays"
+
+    passes = await settle(ctl, store, NOW + ctl.node_lost_grace)
+    reps = replicas(store)
+    assert lost[0] not in {r.id for r in reps}
+    assert len(reps) == 2 and all(r.node == "n1" for r in reps), "replaced on the live host"
+    assert any(e.reason == "NodeLost" and e.object == f"pod/{lost[0]}" for t in passes for e in t.events)
+
+
+async def test_a_not_ready_host_keeps_its_replicas() -> None:
+    """An agent whose stream dropped (a leader change, a restart) is NotReady, not lost."""
+    store, ctl = MemoryStore(), controller()
+    await with_node(store, "n1")
+    await put_deployment(store, deployment_raw(replicas=2))
+    await settle(ctl, store)
+    before = sorted(r.id for r in replicas(store))
+    rec = dataclasses.replace(NodeRecord.from_dict(store.state.get("nodes", "n1") or {}), status="NotReady")
+    await store.commit(Txn(ops=(Put(kind="nodes", name="n1", value=rec.to_dict()),)))
+    await settle(ctl, store, NOW + 3600)
+    assert sorted(r.id for r in replicas(store)) == before
