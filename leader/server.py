@@ -370,9 +370,28 @@ class ServerRole:
             return grpc.StatusCode.UNAVAILABLE, self.handle.waiting, ()
         leader = self.leader_address()
         if leader is None:
-            return grpc.StatusCode.UNAVAILABLE, "no Raft leader is known right now (an election is under way?); retry", ()
+            return grpc.StatusCode.UNAVAILABLE, self.no_leader_message(), ()
         return (grpc.StatusCode.UNAVAILABLE, f"this server is not the leader; the leader is at {leader}",
                 ((LEADER_HINT, leader),))
+
+    def no_leader_message(self) -> str:
+        """Why nothing can be written (or read linearizably) right now, in operator terms."""
+        store = self.store
+        if store is None:
+            return self.handle.waiting
+        reachable, voters, majority = self._quorum(store)
+        if reachable < majority:
+            return (f"the control plane has no quorum: {reachable} of {voters} servers are alive "
+                    f"(a majority is {majority}); running workloads keep running and serving, but nothing "
+                    "can be changed until enough servers are back")
+        return "no Raft leader is known right now (an election is under way); retry in a moment"
+
+    async def _wait_for_leader(self, timeout: float = 3.0) -> None:
+        """An election takes about an election timeout: wait that long for a leader."""
+        store = self.store
+        if store is not None and store.leader_id == 0:
+            with contextlib.suppress(TimeoutError):
+                await store.wait_for(lambda: store.leader_id != 0, timeout=timeout)
 
     def _stub(self, address: str) -> control_pb2_grpc.ControlStub:
         ch = self._channels.get(address)
@@ -383,14 +402,9 @@ class ServerRole:
     async def forward(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Send a leader-only request to the leader and relay its answer (once: a request
         that was already forwarded is refused, so no two servers bounce it between them)."""
-        store = self.store
-        if store is not None and store.leader_id == 0:
-            # An election is under way: it takes about an election timeout; wait that
-            # long rather than fail the call.
-            with contextlib.suppress(TimeoutError):
-                await store.wait_for(lambda: store.leader_id != 0, timeout=3.0)
-            if self.is_leader():
-                return None  # the caller runs the request here
+        await self._wait_for_leader()
+        if self.is_leader():
+            return None  # the caller runs the request here
         code, message, trailers = self.refusal()
         metadata = dict(context.invocation_metadata() or ())
         leader = self.leader_address()
@@ -405,7 +419,23 @@ class ServerRole:
             await context.abort(exc.code(), exc.details() or "")
 
     async def read_barrier(self) -> None:
-        await self.handle.require().read_barrier()
+        store = self.handle.require()
+        await self._wait_for_leader()
+        if store.leader_id == 0:
+            raise Unavailable(self.no_leader_message())
+        try:
+            await store.read_barrier(timeout=3.0)
+        except Unavailable:
+            reachable, _, majority = self._quorum(store)
+            if store.leader_id == 0 or reachable < majority:
+                raise Unavailable(self.no_leader_message()) from None
+            raise
+
+    def _quorum(self, store: RaftStore) -> tuple[int, int, int]:
+        """(voters alive in gossip, voters, majority)."""
+        voters = store.status().conf_state.voters
+        live = {p.id for p in self._peers() if p.live} | {self.id}
+        return len(voters & live), len(voters), len(voters) // 2 + 1
 
     async def add_server(self, request: control_pb2.AddServerRequest) -> control_pb2.AddServerResponse:
         store = self.handle.require()

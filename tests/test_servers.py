@@ -193,3 +193,23 @@ def test_stopping_the_leader_hands_leadership_over(cluster: Servers) -> None:
     manifest = cluster.root / "x.yaml"
     manifest.write_text(DEPLOYMENT.format(name="x"))
     assert survivors[1].cli("apply", "-f", str(manifest)).code == 0
+
+
+def test_without_a_quorum_the_cli_says_so_and_nothing_is_lost(cluster: Servers) -> None:
+    s1 = cluster.agents["s1"]
+    cluster.leader(s1)
+    manifest = cluster.root / "q.yaml"
+    manifest.write_text(DEPLOYMENT.format(name="kept"))
+    assert s1.cli("apply", "-f", str(manifest)).code == 0
+    for name in ("s2", "s3"):
+        cluster.agents[name].kill9()
+    r = s1.cli("get", "deployments")
+    assert r.code == 1
+    assert "no quorum: 1 of 3 servers are alive (a majority is 2)" in r.err, r.err
+    w = s1.cli("scale", "deployment/kept", "--replicas", "0")
+    assert w.code == 1 and "no quorum" in w.err, w.err
+    for name in ("s2", "s3"):
+        cluster.agents[name].start(wait=False)
+    wait_until(lambda: s1.cli("get", "deployments", "-o", "json").code == 0, 30.0, interval=0.3,
+               what="the cluster to serve again")
+    assert [d["name"] for d in json_items(s1.cli("get", "deployments", "-o", "json"), "get")] == ["kept"]
