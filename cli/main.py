@@ -308,7 +308,8 @@ def _print_get(resp: Any, output: str) -> None:
             rows = [[t.service, ",".join(f"{e.address}:{e.port}" for e in t.endpoints) or "<none>", t.algorithm, t.version] for t in items]
         elif field_name == "nodes":
             headers = ["NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "PODS", "AGE"]
-            rows = [[n.name, n.status + (",SchedulingDisabled" if n.cordoned else ""), n.role, n.address,
+            rows = [[n.name, n.status + (",SchedulingDisabled" if n.cordoned else "") + (",Draining" if n.draining else ""),
+                     n.role, n.address,
                      f"{n.allocated.cpu_millis}m/{n.capacity.cpu_millis}m",
                      f"{_bytes(n.allocated.memory_bytes)}/{_bytes(n.capacity.memory_bytes)}", n.pods, _age(n.last_seen, now)]
                     for n in items]
@@ -428,6 +429,59 @@ def _print_servers(addr: str, name: str, output: str) -> None:
              "-" if s.lag < 0 else s.lag] for s in items]
     out.print(_table(["NAME", "ID", "ADDRESS", "ROLE", "SUFFRAGE", "TERM", "COMMIT", "APPLIED", "LAG"], rows),
               markup=False)
+
+
+node_app = typer.Typer(help="Take nodes out of scheduling, move their replicas away, or put them back.",
+                       no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("cordon")
+def node_cordon(name: Annotated[str, typer.Argument(help="Node name.")], addr: Addr = "") -> None:
+    """The node keeps what it runs but takes no new replicas."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            c.cordon(name)
+        out.print(f"node/{name} cordoned", markup=False)
+
+    _run(go)
+
+
+@node_app.command("uncordon")
+def node_uncordon(name: Annotated[str, typer.Argument(help="Node name.")], addr: Addr = "") -> None:
+    """The node takes new replicas again (and a drain in progress stops)."""
+
+    def go() -> None:
+        with _client(addr) as c:
+            c.cordon(name, cordon=False)
+        out.print(f"node/{name} uncordoned", markup=False)
+
+    _run(go)
+
+
+@node_app.command("drain")
+def node_drain(
+    name: Annotated[str, typer.Argument(help="Node name.")],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the node to empty.")] = 300.0,
+    addr: Addr = "",
+) -> None:
+    """Cordon the node and move its replicas to others, each leaving once its
+    replacements are ready; waits until the node runs nothing."""
+
+    def go() -> None:
+        deadline = time.monotonic() + timeout
+        with _client(addr) as c:
+            left = c.cordon(name, drain=True).replicas
+            while left:
+                if time.monotonic() > deadline:
+                    _fail(f"node/{name} still runs {left} replica(s) after {timeout:.0f}s; it stays cordoned "
+                          "(see shoal get pods -o wide and shoal events)")
+                time.sleep(0.5)
+                left = sum(1 for p in c.get("pods").pods if p.node == name)
+        out.print(f"node/{name} drained", markup=False)
+
+    _run(go)
 
 
 server_app = typer.Typer(help="Add or remove Raft servers (see: shoal get servers).", no_args_is_help=True)

@@ -354,6 +354,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def Members(self, request: control_pb2.MembersRequest, context: grpc.aio.ServicerContext) -> control_pb2.MembersResponse:
         return control_pb2.MembersResponse(members=self._members() if self._members else [])
 
+    # -- nodes ------------------------------------------------------------------------
+
+    @_edge
+    @_on_leader
+    async def Cordon(self, request: control_pb2.CordonRequest, context: grpc.aio.ServicerContext) -> control_pb2.CordonResponse:
+        if request.drain and not request.cordon:
+            raise _InvalidRequest("drain needs cordon: a node being drained takes no new replicas")
+        raw = self._store.state.get("nodes", request.node)
+        if raw is None:
+            raise NotFound("node", request.node)
+        rec = NodeRecord.from_dict(raw)
+        new = dataclasses.replace(rec, cordoned=request.cordon, draining=request.cordon and request.drain)
+        if new != rec:
+            what = "drained" if new.draining else "cordoned" if new.cordoned else "uncordoned"
+            await self._store.commit(Txn(ops=(Put(kind="nodes", name=rec.name, value=new.to_dict()),), events=(
+                NewEvent(time=self._clock(), type="Normal", reason=what.capitalize(), object=f"node/{rec.name}",
+                         message=f"node {rec.name} {what}"),)))
+        left = sum(1 for r in self._store.state.list("replicas") if r.get("node") == rec.name)
+        return control_pb2.CordonResponse(node=rec.name, replicas=left)
+
     # -- servers ----------------------------------------------------------------------
 
     def _require_cluster(self) -> ServerRole:

@@ -161,6 +161,8 @@ class Controller:
         for r in replicas.values():
             by_deployment.setdefault(r.deployment, []).append(r)
 
+        drained = {n.name for n in nodes.values() if n.draining}
+
         # 1 + 2: replica counts, rollover and orphans.
         for dep_name, reps in sorted(by_deployment.items()):
             if dep_name not in deployments:
@@ -172,6 +174,10 @@ class Controller:
             if spec is None:
                 continue
             reps = by_deployment.get(dep_name, [])
+            # Replicas on a draining node are replaced first and leave once enough of
+            # their replacements are ready; they do not count toward `want` meanwhile.
+            draining = [r for r in reps if r.node in drained]
+            reps = [r for r in reps if r.node not in drained]
             current = [r for r in reps if r.generation == rec.template_generation]
             old = [r for r in reps if r.generation != rec.template_generation]
             want = spec.replicas
@@ -207,6 +213,14 @@ class Controller:
                             continue
                         available -= 1
                     self._remove(r, ops, events, replicas, now, f"replaced by a newer template of {dep_name}")
+            if draining:
+                # Never below the ready count the deployment had: a draining replica
+                # that serves leaves only when the others cover `want` without it.
+                ready_elsewhere = sum(1 for r in current if r.ready)
+                for r in sorted(draining, key=_removal_order):
+                    if r.ready and ready_elsewhere < want:
+                        continue
+                    self._remove(r, ops, events, replicas, now, f"node {r.node} is draining")
 
         # 3: placement.
         pending = sorted((r for r in replicas.values() if r.phase == Phase.PENDING and not r.node), key=lambda r: r.id)

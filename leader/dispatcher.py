@@ -239,6 +239,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             role=hello.role or "client",
             status="Ready",
             cordoned=old.cordoned if old else False,
+            draining=old.draining if old else False,
             blocked_ports=old.blocked_ports if old else [],
             cpu_millis=hello.capacity.cpu_millis,
             memory_bytes=hello.capacity.memory_bytes,

@@ -91,6 +91,7 @@ class NodeRecord(_Record):
     role: str = "client"
     status: str = "Ready"  # Ready | NotReady | Down
     cordoned: bool = False
+    draining: bool = False  # cordoned, and its replicas are moving to other nodes
     cpu_millis: int = 0
     memory_bytes: int = 0
     labels: dict[str, str] = field(default_factory=dict)

@@ -96,6 +96,9 @@ class Client:
     def members(self) -> control_pb2.MembersResponse:
         return self._call("Members", control_pb2.MembersRequest())
 
+    def cordon(self, node: str, *, cordon: bool = True, drain: bool = False) -> control_pb2.CordonResponse:
+        return self._call("Cordon", control_pb2.CordonRequest(node=node, cordon=cordon, drain=drain))
+
     def servers(self) -> control_pb2.ServersResponse:
         return self._call("Servers", control_pb2.ServersRequest())
 

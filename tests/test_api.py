@@ -497,3 +497,32 @@ def test_apply_report_is_fenced_and_writes_only_changes() -> None:
     state.apply(apply_report(state, "n1", exited, NOW))
     got = ReplicaRecord.from_dict(state.get("replicas", "web-a") or {})
     assert (got.phase, got.ready, got.exit_code, got.restarts) == (Phase.FAILED, False, 3, 1)
+
+
+# -- nodes ----------------------------------------------------------------------------
+
+
+async def test_cordon_drain_and_uncordon_a_node(env: Env) -> None:
+    await with_node(env)
+    resp = await env.call(env.client.cordon, "n1")
+    assert resp.node == "n1" and resp.replicas == 0
+    node = (await env.call(env.client.get, "nodes", "n1")).nodes[0]
+    assert node.cordoned and not node.draining
+    await env.call(env.client.cordon, "n1", drain=True)
+    node = (await env.call(env.client.get, "nodes", "n1")).nodes[0]
+    assert node.cordoned and node.draining
+    await env.call(env.client.cordon, "n1", cordon=False)
+    node = (await env.call(env.client.get, "nodes", "n1")).nodes[0]
+    assert not node.cordoned and not node.draining
+    reasons = [e["reason"] for e in env.store.state.events]
+    assert reasons[-3:] == ["Cordoned", "Drained", "Uncordoned"]
+
+
+async def test_cordon_of_an_unknown_node_or_drain_without_cordon_is_refused(env: Env) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await env.control.Cordon(control_pb2.CordonRequest(node="nosuch", cordon=True))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await with_node(env)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await env.control.Cordon(control_pb2.CordonRequest(node="n1", cordon=False, drain=True))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -500,3 +500,52 @@ async def test_a_not_ready_host_keeps_its_replicas() -> None:
     await store.commit(Txn(ops=(Put(kind="nodes", name="n1", value=rec.to_dict()),)))
     await settle(ctl, store, NOW + 3600)
     assert sorted(r.id for r in replicas(store)) == before
+
+
+# -- cordon and drain ---------------------------------------------------------------------
+
+
+async def set_node(store: Store, name: str, **changes: Any) -> None:
+    rec = dataclasses.replace(NodeRecord.from_dict(store.state.get("nodes", name) or {}), **changes)
+    await store.commit(Txn(ops=(Put(kind="nodes", name=name, value=rec.to_dict()),)))
+
+
+async def test_a_cordoned_node_keeps_its_replicas_and_takes_no_new_ones() -> None:
+    store, ctl = MemoryStore(), controller()
+    await with_node(store, "n1")
+    await put_deployment(store, deployment_raw(replicas=2))
+    await settle(ctl, store)
+    await set_node(store, "n1", cordoned=True)
+    await settle(ctl, store)
+    assert all(r.node == "n1" for r in replicas(store)), "cordon moves nothing"
+    await put_deployment(store, deployment_raw(name="more", replicas=1))
+    await settle(ctl, store)
+    assert [r.node for r in replicas(store, "more")] == [""]
+    assert "cordoned" in deployment(store, "more").unschedulable
+
+
+async def test_drain_replaces_first_and_removes_only_once_the_replacements_are_ready() -> None:
+    store, ctl = MemoryStore(), controller()
+    await with_node(store, "n1", "10.0.0.1")
+    await put_deployment(store, deployment_raw(replicas=2))
+    await put_service(store, service_raw())
+    await settle(ctl, store)
+    old = sorted(r.id for r in replicas(store))
+    for rid in old:
+        await make_ready(store, rid)
+    await with_node(store, "n2", "10.0.0.2")
+    await set_node(store, "n1", cordoned=True, draining=True)
+    await settle(ctl, store)
+    reps = {r.id: r for r in replicas(store)}
+    new = sorted(set(reps) - set(old))
+    assert len(new) == 2 and all(reps[i].node == "n2" for i in new), "replacements on the other node"
+    assert set(old) <= set(reps), "the drained replicas serve until the replacements are ready"
+    assert {e["address"] for e in table(store).endpoints} == {"10.0.0.1"}
+
+    await make_ready(store, new[0])
+    await settle(ctl, store)
+    assert set(old) <= {r.id for r in replicas(store)}, "one ready replacement is not yet enough for 2"
+    await make_ready(store, new[1])
+    await settle(ctl, store)
+    assert sorted(r.id for r in replicas(store)) == new
+    assert {e["address"] for e in table(store).endpoints} == {"10.0.0.2"}

@@ -222,3 +222,21 @@ class RemoveServerResponse(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: int
     def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class CordonRequest(_message.Message):
+    __slots__ = ("node", "cordon", "drain")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CORDON_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    cordon: bool
+    drain: bool
+    def __init__(self, node: _Optional[str] = ..., cordon: _Optional[bool] = ..., drain: _Optional[bool] = ...) -> None: ...
+
+class CordonResponse(_message.Message):
+    __slots__ = ("node", "replicas")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    replicas: int
+    def __init__(self, node: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...

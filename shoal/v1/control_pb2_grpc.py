@@ -85,6 +85,11 @@ class ControlStub:
                 request_serializer=shoal_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
                 _registered_method=True)
+        self.Cordon = channel.unary_unary(
+                '/shoal.v1.Control/Cordon',
+                request_serializer=shoal_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.CordonResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -157,6 +162,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cordon(self, request, context):
+        """Cordon a node (it takes no new replicas), drain it (its replicas move to other
+        nodes, each leaving only once its replacement is ready), or uncordon it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +222,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RemoveServer,
                     request_deserializer=shoal_dot_v1_dot_control__pb2.RemoveServerRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_control__pb2.RemoveServerResponse.SerializeToString,
+            ),
+            'Cordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cordon,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.CordonRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.CordonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +499,33 @@ class Control:
             '/shoal.v1.Control/RemoveServer',
             shoal_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
             shoal_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/Cordon',
+            shoal_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.CordonResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -142,7 +142,7 @@ class Table(_message.Message):
     def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version")
+    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class Node(_message.Message):
     PODS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     role: str
@@ -172,7 +173,8 @@ class Node(_message.Message):
     pods: int
     last_seen: float
     version: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "time", "type", "reason", "object", "message")
