@@ -199,6 +199,35 @@ def apply(
 
 
 @app.command()
+def plan(
+    filename: Annotated[list[str], typer.Option("--filename", "-f", help="File, directory or - for stdin; repeatable.")],
+    output: Output = "",
+    addr: Addr = "",
+) -> None:
+    """Show where applying these manifests would place replicas, and what would not fit
+    and why. Changes nothing."""
+
+    def go() -> None:
+        docs = _read_documents(filename)
+        with _client(addr) as c:
+            resp = c.plan(docs)
+        if output in ("yaml", "json"):
+            _dump([resp], output)
+            return
+        for o in resp.objects:
+            out.print(f"{o.kind.lower()}/{o.name} would be {o.action}", markup=False)
+        if resp.placements:
+            rows = [[p.deployment, p.replica, p.node, p.host_port or "-"] for p in resp.placements]
+            out.print(_table(["DEPLOYMENT", "REPLICA", "NODE", "HOST PORT"], rows), markup=False)
+        for u in resp.unplaced:
+            out.print(f"deployment/{u.deployment}: {u.placed} placed, the rest does not fit: {u.reason}", markup=False)
+        if not resp.placements and not resp.unplaced:
+            out.print("no new placements", markup=False)
+
+    _run(go)
+
+
+@app.command()
 def delete(
     kind: Annotated[str, typer.Argument(help="deployment or service (or TYPE/NAME).")] = "",
     name: Annotated[str, typer.Argument()] = "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,7 +35,8 @@ from shoal.errors import (
 from shoal.leader import convert
 from shoal.leader.controller import Controller
 from shoal.leader.records import DeploymentRecord, NodeRecord, ReplicaRecord, ServiceRecord, TableRecord
-from shoal.leader.state import Delete, NewEvent, Put, Txn
+from shoal.leader.scheduler import Scheduler, SchedulerConfig
+from shoal.leader.state import ClusterState, Delete, NewEvent, Put, Txn
 from shoal.leader.store import Store
 from shoal.manifest import MAX_DOCUMENT_BYTES, Document, parse_text
 from shoal.model import DeploymentSpec
@@ -148,6 +150,47 @@ class ControlService(control_pb2_grpc.ControlServicer):
     @_edge
     @_on_leader
     async def Apply(self, request: control_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> control_pb2.ApplyResponse:
+        results, txn = self._prepare(request)
+        if not request.dry_run:
+            await self._store.commit(txn)
+            self._log.info("api.applied", objects=[f"{r.kind}/{r.name}:{r.action}" for r in results],
+                           revision=self._store.state.revision)
+        return control_pb2.ApplyResponse(objects=results)
+
+    @_edge
+    async def Plan(self, request: control_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> control_pb2.PlanResponse:
+        """What applying these manifests would place where, and what would not fit and
+        why, computed by the controller on a copy of the state; nothing is written."""
+        if self._cluster is not None:
+            await self._cluster.read_barrier()
+        results, txn = self._prepare(request)
+        state = ClusterState.from_snapshot(self._store.state.to_snapshot())
+        if txn:
+            state.apply(txn)
+        # A controller of its own: planning must not consume the real one's random
+        # choices or cache, or the real placement would differ from what a plan shows.
+        planner = Controller(Scheduler(SchedulerConfig(), random.Random(0)), random.Random(0))
+        plan = planner.reconcile(state, self._clock())
+        wanted = {r.name for r in results if r.kind == "Deployment"}
+        resp = control_pb2.PlanResponse(objects=results)
+        for op in plan.ops:
+            if not isinstance(op, Put):
+                continue
+            if op.kind == "replicas":
+                rec = ReplicaRecord.from_dict(op.value)
+                if rec.deployment in wanted and rec.node:
+                    resp.placements.append(control_pb2.Placement(
+                        deployment=rec.deployment, replica=rec.id, node=rec.node, host_port=rec.host_port))
+            elif op.kind == "deployments" and op.name in wanted:
+                dep = DeploymentRecord.from_dict(op.value)
+                if dep.unschedulable:
+                    placed = sum(1 for p in resp.placements if p.deployment == dep.name)
+                    resp.unplaced.append(control_pb2.Unplaced(deployment=dep.name, reason=dep.unschedulable,
+                                                              placed=placed))
+        return resp
+
+    def _prepare(self, request: control_pb2.ApplyRequest) -> tuple[list[control_pb2.AppliedObject], Txn]:
+        """Validate the request's manifests whole and turn them into one transaction."""
         docs: list[Document] = []
         problems: list[ManifestProblem] = []
         if not request.documents:
@@ -177,7 +220,6 @@ class ControlService(control_pb2_grpc.ControlServicer):
         ops: list[Put | Delete] = []
         events: list[NewEvent] = []
         results = []
-        state = self._store.state
         for doc in docs:
             if doc.kind == "Deployment":
                 action, op = self._apply_deployment(doc, now)
@@ -188,10 +230,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 events.append(NewEvent(time=now, type="Normal", reason=action.capitalize(),
                                        object=f"{doc.kind.lower()}/{doc.name}", message=f"{doc.kind.lower()} {action} from {doc.source}"))
             results.append(control_pb2.AppliedObject(kind=doc.kind, name=doc.name, action=action))
-        if not request.dry_run:
-            await self._store.commit(Txn(ops=tuple(ops), events=tuple(events)))
-            self._log.info("api.applied", objects=[f"{r.kind}/{r.name}:{r.action}" for r in results], revision=state.revision)
-        return control_pb2.ApplyResponse(objects=results)
+        return results, Txn(ops=tuple(ops), events=tuple(events))
 
     def _apply_deployment(self, doc: Document, now: float) -> tuple[str, Put | None]:
         existing_raw = self._store.state.get("deployments", doc.name)

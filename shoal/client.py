@@ -96,6 +96,10 @@ class Client:
     def members(self) -> control_pb2.MembersResponse:
         return self._call("Members", control_pb2.MembersRequest())
 
+    def plan(self, documents: list[tuple[str, str]]) -> control_pb2.PlanResponse:
+        return self._call("Plan", control_pb2.ApplyRequest(
+            documents=[control_pb2.Document(source=src, content=text) for src, text in documents]))
+
     def cordon(self, node: str, *, cordon: bool = True, drain: bool = False) -> control_pb2.CordonResponse:
         return self._call("Cordon", control_pb2.CordonRequest(node=node, cordon=cordon, drain=drain))
 

@@ -526,3 +526,23 @@ async def test_cordon_of_an_unknown_node_or_drain_without_cordon_is_refused(env:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await env.control.Cordon(control_pb2.CordonRequest(node="n1", cordon=False, drain=True))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- plan -----------------------------------------------------------------------------
+
+
+async def test_plan_shows_placements_and_what_does_not_fit_and_writes_nothing(env: Env) -> None:
+    await with_node(env)
+    revision = env.store.state.revision
+    resp = await env.call(env.client.plan, [("d.yaml", deployment_yaml(replicas=2))])
+    assert [(o.kind, o.action) for o in resp.objects] == [("Deployment", "created")]
+    assert len(resp.placements) == 2 and {p.node for p in resp.placements} == {"n1"}
+    assert not resp.unplaced
+    assert env.store.state.revision == revision, "a plan writes nothing"
+    assert env.store.state.list("deployments") == []
+
+    huge = deployment_yaml(replicas=3).replace("        image:", "        resources: {requests: {memory: 6Gi}}\n        image:", 1)
+    resp = await env.call(env.client.plan, [("d.yaml", huge)])
+    assert [p.node for p in resp.placements] == ["n1"]
+    (u,) = resp.unplaced
+    assert u.placed == 1 and "memory" in u.reason

@@ -240,3 +240,35 @@ class CordonResponse(_message.Message):
     node: str
     replicas: int
     def __init__(self, node: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("deployment", "replica", "node", "host_port")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    HOST_PORT_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    replica: str
+    node: str
+    host_port: int
+    def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[str] = ..., node: _Optional[str] = ..., host_port: _Optional[int] = ...) -> None: ...
+
+class Unplaced(_message.Message):
+    __slots__ = ("deployment", "reason", "placed")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    reason: str
+    placed: int
+    def __init__(self, deployment: _Optional[str] = ..., reason: _Optional[str] = ..., placed: _Optional[int] = ...) -> None: ...
+
+class PlanResponse(_message.Message):
+    __slots__ = ("objects", "placements", "unplaced")
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    UNPLACED_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[AppliedObject]
+    placements: _containers.RepeatedCompositeFieldContainer[Placement]
+    unplaced: _containers.RepeatedCompositeFieldContainer[Unplaced]
+    def __init__(self, objects: _Optional[_Iterable[_Union[AppliedObject, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[Unplaced, _Mapping]]] = ...) -> None: ...

@@ -90,6 +90,11 @@ class ControlStub:
                 request_serializer=shoal_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_control__pb2.CordonResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/shoal.v1.Control/Plan',
+                request_serializer=shoal_dot_v1_dot_control__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_control__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -170,6 +175,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """What an apply of these manifests would place where, and what would not fit and why;
+        changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +240,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Cordon,
                     request_deserializer=shoal_dot_v1_dot_control__pb2.CordonRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_control__pb2.CordonResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.ApplyRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_control__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +544,33 @@ class Control:
             '/shoal.v1.Control/Cordon',
             shoal_dot_v1_dot_control__pb2.CordonRequest.SerializeToString,
             shoal_dot_v1_dot_control__pb2.CordonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Control/Plan',
+            shoal_dot_v1_dot_control__pb2.ApplyRequest.SerializeToString,
+            shoal_dot_v1_dot_control__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
