@@ -113,8 +113,11 @@ class AgentShell:
         resync_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
         logger: Any = None,
+        usage: Callable[[], types_pb2.Usage] | None = None,
     ) -> None:
         self.identity = identity
+        # The host's live resource use, sampled for every report (None: not reported).
+        self._usage = usage
         # A fixed address (a server talks to itself), or a function that names a server
         # from the gossip view at each connection attempt (None: none known yet).
         self._leader_addr = leader_addr
@@ -327,8 +330,12 @@ class AgentShell:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _status_report(self) -> agent_pb2.StatusReport:
+    def _status_report(self, *, usage: bool = False) -> agent_pb2.StatusReport:
+        """What the leader is told. With `usage`, the host's resource use too: sampled only
+        for a report that is sent, so it never by itself makes a report due."""
         report = agent_pb2.StatusReport()
+        if usage and self._usage is not None:
+            report.usage.CopyFrom(self._usage())
         for v in self.reconciler.views({rid: True for rid in self.ready}):
             report.replicas.append(
                 agent_pb2.ReplicaStatus(
@@ -391,7 +398,7 @@ class AgentShell:
         hello.labels.update(dict(ident.labels))
         yield agent_pb2.AgentMessage(hello=hello)
         while True:
-            report = self._status_report()
+            report = self._status_report(usage=True)
             events, self._pending_events = self._pending_events, []
             report.events.extend(events)
             self._report_dirty.clear()

@@ -49,12 +49,13 @@ from shoal.leader.replicated import RaftStore
 from shoal.leader.server import PeerServer, ServerConfig, ServerRole
 from shoal.leader.store import Store
 from shoal.model import Driver, Resources
-from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, raft_pb2
+from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, raft_pb2, types_pb2
 
 __all__ = ["AgentConfig", "AgentProcess", "default_data_dir", "run"]
 
 DEFAULT_GRPC_PORT = 7420
 DEFAULT_GOSSIP_PORT = 7421
+STOP_TIMEOUT = 15.0  # seconds a graceful stop may take before the agent exits regardless
 
 
 def default_data_dir(dev: bool) -> pathlib.Path:
@@ -132,6 +133,19 @@ class AgentConfig:
 
     def resolved_data_dir(self) -> pathlib.Path:
         return self.data_dir or default_data_dir(self.dev)
+
+
+def host_usage(data_dir: pathlib.Path) -> types_pb2.Usage:
+    """This host's resource use now, rounded (CPU to 5 %, memory and disk to 64 MiB) so a
+    report changes the cluster state only when the use really moved."""
+    step = 64 * 1024 * 1024
+    disk = psutil.disk_usage(str(data_dir))
+    return types_pb2.Usage(
+        cpu_percent=round(psutil.cpu_percent(interval=None) / 5) * 5.0,
+        memory_used_bytes=psutil.virtual_memory().used // step * step,
+        disk_used_bytes=disk.used // step * step,
+        disk_total_bytes=disk.total // step * step,
+    )
 
 
 def _capacity(reserve: Resources) -> Resources:
@@ -371,7 +385,8 @@ class AgentProcess:
         if self.role is not None:
             role = self.role
             leader = lambda: role.leader_address() or self._server_address()  # noqa: E731
-        self.shell = AgentShell(identity, leader, reconciler, proxy)
+        data_dir = self.data_dir
+        self.shell = AgentShell(identity, leader, reconciler, proxy, usage=lambda: host_usage(data_dir))
         shell_ref.append(self.shell)
         self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
 
@@ -424,7 +439,13 @@ async def run(config: AgentConfig) -> None:
     waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if waiter.done() and waiter.exception():
-        await proc.stop()
-        raise waiter.exception()  # type: ignore[misc]
-    await proc.stop()
+    failed = waiter.exception() if waiter.done() else None
+    try:
+        # A graceful stop (leadership handed over, gossip left) is quick; if something
+        # hangs, say what and exit anyway: an agent asked to stop must stop.
+        await asyncio.wait_for(proc.stop(), STOP_TIMEOUT)
+    except TimeoutError:
+        pending = sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+        proc.log.error("agent.stop_timed_out", seconds=STOP_TIMEOUT, pending=pending)
+    if failed is not None:
+        raise failed

@@ -336,11 +336,14 @@ def _print_get(resp: Any, output: str) -> None:
             headers = ["NAME", "ENDPOINTS", "ALGORITHM", "VERSION"]
             rows = [[t.service, ",".join(f"{e.address}:{e.port}" for e in t.endpoints) or "<none>", t.algorithm, t.version] for t in items]
         elif field_name == "nodes":
-            headers = ["NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "PODS", "AGE"]
+            headers = ["NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "PODS", "AGE"] + (
+                ["CPU USED", "MEMORY USED", "DISK USED"] if wide else [])
             rows = [[n.name, n.status + (",SchedulingDisabled" if n.cordoned else "") + (",Draining" if n.draining else ""),
                      n.role, n.address,
                      f"{n.allocated.cpu_millis}m/{n.capacity.cpu_millis}m",
                      f"{_bytes(n.allocated.memory_bytes)}/{_bytes(n.capacity.memory_bytes)}", n.pods, _age(n.last_seen, now)]
+                    + ([f"{n.usage.cpu_percent:.0f}%", _bytes(n.usage.memory_used_bytes),
+                        f"{_bytes(n.usage.disk_used_bytes)}/{_bytes(n.usage.disk_total_bytes)}"] if wide else [])
                     for n in items]
         else:
             headers = ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]

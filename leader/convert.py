@@ -111,6 +111,12 @@ def node_pb(n: NodeRecord, allocated_cpu: int, allocated_mem: int, pods: int) ->
         pods=pods,
         last_seen=n.last_seen,
         version=n.version,
+        usage=types_pb2.Usage(
+            cpu_percent=float(n.usage.get("cpu_percent", 0.0)),
+            memory_used_bytes=int(n.usage.get("memory_used_bytes", 0)),
+            disk_used_bytes=int(n.usage.get("disk_used_bytes", 0)),
+            disk_total_bytes=int(n.usage.get("disk_total_bytes", 0)),
+        ),
     )
     msg.labels.update(n.labels)
     return msg

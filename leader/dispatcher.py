@@ -88,10 +88,20 @@ def apply_report(state: ClusterState, node: str, report: agent_pb2.StatusReport,
     for e in report.events:
         events.append(NewEvent(time=e.time or now, type=e.type or "Normal", reason=e.reason, object=e.object, message=e.message))
     node_raw = state.get("nodes", node)
-    if blocked and node_raw is not None:
+    if node_raw is not None:
         n = NodeRecord.from_dict(node_raw)
-        ports = sorted(set(n.blocked_ports) | set(blocked))[-BLOCKED_PORTS_KEPT:]
-        ops.append(Put(kind="nodes", name=node, value=dataclasses.replace(n, blocked_ports=ports).to_dict()))
+        changed = n
+        if blocked:
+            ports = sorted(set(n.blocked_ports) | set(blocked))[-BLOCKED_PORTS_KEPT:]
+            changed = dataclasses.replace(changed, blocked_ports=ports)
+        if report.HasField("usage"):
+            u = report.usage
+            usage = {"cpu_percent": u.cpu_percent, "memory_used_bytes": u.memory_used_bytes,
+                     "disk_used_bytes": u.disk_used_bytes, "disk_total_bytes": u.disk_total_bytes}
+            if usage != n.usage:
+                changed = dataclasses.replace(changed, usage=usage)
+        if changed != n:
+            ops.append(Put(kind="nodes", name=node, value=changed.to_dict()))
     return Txn(ops=tuple(ops), events=tuple(events))
 
 

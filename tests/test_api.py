@@ -546,3 +546,16 @@ async def test_plan_shows_placements_and_what_does_not_fit_and_writes_nothing(en
     assert [p.node for p in resp.placements] == ["n1"]
     (u,) = resp.unplaced
     assert u.placed == 1 and "memory" in u.reason
+
+
+async def test_a_status_report_records_the_hosts_usage_once_it_changes(env: Env) -> None:
+    from shoal.leader.dispatcher import apply_report
+    from shoal.v1 import agent_pb2, types_pb2
+
+    await with_node(env)
+    usage = types_pb2.Usage(cpu_percent=35.0, memory_used_bytes=3 << 30, disk_used_bytes=10 << 30, disk_total_bytes=100 << 30)
+    txn = apply_report(env.store.state, "n1", agent_pb2.StatusReport(usage=usage), NOW)
+    await env.store.commit(txn)
+    node = (await env.call(env.client.get, "nodes", "n1")).nodes[0]
+    assert node.usage == usage
+    assert not apply_report(env.store.state, "n1", agent_pb2.StatusReport(usage=usage), NOW), "unchanged: no write"

@@ -63,12 +63,14 @@ class ReplicaStatus(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., handle: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., started_at: _Optional[float] = ..., port_conflict: _Optional[int] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("replicas", "events")
+    __slots__ = ("replicas", "events", "usage")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ...) -> None: ...
+    usage: _types_pb2.Usage
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class Probe(_message.Message):
     __slots__ = ("kind", "port", "path", "command", "service", "initial_delay_seconds", "period_seconds", "timeout_seconds", "success_threshold", "failure_threshold")

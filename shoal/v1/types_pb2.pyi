@@ -142,7 +142,7 @@ class Table(_message.Message):
     def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining")
+    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining", "usage")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class Node(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     role: str
@@ -174,7 +175,20 @@ class Node(_message.Message):
     last_seen: float
     version: str
     draining: bool
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("cpu_percent", "memory_used_bytes", "disk_used_bytes", "disk_total_bytes")
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_percent: float
+    memory_used_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., disk_total_bytes: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "time", "type", "reason", "object", "message")
