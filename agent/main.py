@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 import shoal
 from shoal.agent.agent import AgentIdentity, AgentShell
 from shoal.agent.gossip import GossipConfig, GossipShell
+from shoal.agent.metrics import DEFAULT_METRICS_PORT, AgentMetrics
 from shoal.agent.swim.config import Config as SwimConfig
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.agent.reconciler import Reconciler
@@ -74,6 +75,7 @@ class AgentConfig:
     advertise: str = ""  # defaults to bind; required when bind is a wildcard (except --dev)
     grpc_port: int = DEFAULT_GRPC_PORT
     gossip_port: int = DEFAULT_GOSSIP_PORT  # UDP and TCP
+    metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus /metrics over HTTP; 0: off
     join: tuple[str, ...] = ()  # gossip seeds: any agent already in the cluster, HOST[:PORT]
     # Servers to wait for before bootstrapping a new cluster (0: --server alone bootstraps
     # a cluster of one without --join, and joins the existing cluster with it).
@@ -100,6 +102,8 @@ class AgentConfig:
         # A wildcard bind says nothing about where other hosts reach this one; falling
         # back to 127.0.0.1 would register the node (and its endpoints) at loopback, and
         # other hosts' proxies would forward to their own loopback instead.
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port must be between 0 (off) and 65535, got {self.metrics_port}")
         if not 0 <= self.gossip_port < 65536:
             raise ConfigError(f"--gossip-port must be between 1 and 65535, got {self.gossip_port}")
         if self.bootstrap_expect and not self.server:
@@ -169,6 +173,7 @@ class AgentProcess:
         self.rng = random.Random(config.seed)
         self.server: grpc.aio.Server | None = None
         self.role: ServerRole | None = None
+        self.metrics = AgentMetrics(self.data_dir)
         self._meta: dict[str, str] = {}
         self.shell: AgentShell | None = None
         self.gossip: GossipShell | None = None
@@ -372,7 +377,8 @@ class AgentProcess:
                 shell_ref[0].record_event(type_, reason, obj, message)
 
         proxy_bind = cfg.proxy_bind or (cfg.bind if cfg.dev else "0.0.0.0")
-        proxy = ServiceProxy(ProxyConfig(bind_host=proxy_bind), rng=random.Random(self.rng.random()), on_event=on_event)
+        proxy = ServiceProxy(ProxyConfig(bind_host=proxy_bind), rng=random.Random(self.rng.random()), on_event=on_event,
+                             metrics=self.metrics)
         identity = AgentIdentity(
             node=self.node_name,
             address=cfg.advertise_address,
@@ -389,6 +395,47 @@ class AgentProcess:
         self.shell = AgentShell(identity, leader, reconciler, proxy, usage=lambda: host_usage(data_dir))
         shell_ref.append(self.shell)
         self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
+        await self._start_metrics()
+
+    async def _start_metrics(self) -> None:
+        cfg = self.config
+        m = self.metrics
+        shell = self.shell
+        assert shell is not None
+
+        def replicas() -> list[tuple[tuple[str, ...], float]]:
+            counts: dict[str, int] = {}
+            for v in shell.reconciler.views({rid: True for rid in shell.ready}):
+                state = "ready" if v.ready else v.state
+                counts[state] = counts.get(state, 0) + 1
+            return [((k,), float(n)) for k, n in sorted(counts.items())]
+
+        m.add_gauges("shoal_replicas", "Replicas this agent runs, by state (ready, running, starting, exited, failed).",
+                     ("state",), replicas)
+
+        def members() -> list[tuple[tuple[str, ...], float]]:
+            counts: dict[str, int] = {}
+            for mem in self.gossip.members() if self.gossip is not None else ():
+                counts[mem.state.value] = counts.get(mem.state.value, 0) + 1
+            return [((k,), float(n)) for k, n in sorted(counts.items())]
+
+        m.add_gauges("shoal_gossip_members", "Members in this agent's gossip view, by state.", ("state",), members)
+        if self.role is not None:
+            role = self.role
+
+            def raft() -> list[tuple[tuple[str, ...], float]]:
+                store = role.store
+                if store is None:
+                    return []
+                st = store.status()
+                return [(("term",), float(st.term)), (("commit",), float(st.commit)),
+                        (("applied",), float(store.applied_index)), (("leader",), 1.0 if store.is_leader else 0.0)]
+
+            m.add_gauges("shoal_raft", "This server's Raft state: term, commit and applied index, leader (1 or 0).",
+                         ("field",), raft)
+        if cfg.metrics_port:
+            host = cfg.bind if cfg.bind not in ("", "::") else "0.0.0.0"
+            await m.serve(host, cfg.metrics_port)
 
     async def _logs(self, replica: ReplicaRecord, follow: bool, tail: int) -> Any:
         if replica.node != self.node_name:
@@ -420,6 +467,7 @@ class AgentProcess:
             with contextlib.suppress(Exception):
                 await self.gossip.leave()
             await self.gossip.close()
+        await self.metrics.close()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         self.log.info("agent.stopped", node=self.node_name)

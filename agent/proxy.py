@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from shoal.agent.metrics import AgentMetrics
 from shoal.balancing import Endpoint, Picker, make_picker
 from shoal.model import Algorithm
 
@@ -73,8 +75,10 @@ class ServiceProxy:
         rng: random.Random | None = None,
         on_event: Callable[[str, str, str, str], None] | None = None,
         logger: Any = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics
         self._rng = rng or random.Random()
         self._on_event = on_event or (lambda *_: None)
         self._log = logger or structlog.get_logger("shoal.proxy")
@@ -84,6 +88,7 @@ class ServiceProxy:
         # endpoint is known to be gone they are moved to another one at once instead of
         # waiting on a peer that died mid-request and will never answer or reset.
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._metered: set[str] = set()  # services with metric series
 
     def endpoint_down(self, replica_id: str) -> None:
         """An endpoint is gone: connections still waiting on its answer go elsewhere."""
@@ -95,7 +100,8 @@ class ServiceProxy:
     async def update(self, tables: Iterable[Any]) -> None:
         """Follow a full set of tables (shoal.v1.Table messages)."""
         wanted: dict[int, tuple[str, Algorithm, list[Endpoint]]] = {}
-        for t in tables:
+        tables_seen = list(tables)
+        for t in tables_seen:
             try:
                 algorithm = Algorithm(t.algorithm)
             except ValueError:
@@ -128,6 +134,15 @@ class ServiceProxy:
         for port in list(self._failed_ports):
             if port not in wanted:
                 del self._failed_ports[port]
+        if self._metrics is not None:
+            m = self._metrics
+            services = {t.service: t for t in tables_seen}
+            for name, t in services.items():
+                m.table_version.labels(name).set(t.version)
+                m.table_endpoints.labels(name).set(len(t.endpoints))
+            for name in self._metered - set(services):
+                m.forget_service(name)
+            self._metered = set(services)
 
     async def _listen(self, route: Route) -> bool:
         try:
@@ -164,10 +179,16 @@ class ServiceProxy:
             await self._close(port)
 
     async def _handle(self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        m = self._metrics
         if route.active >= self.config.max_connections:
+            if m is not None:
+                m.proxy_errors.labels(route.service, "limit").inc()
             writer.close()
             return
         route.active += 1
+        started = time.monotonic()
+        if m is not None:
+            m.proxy_active.labels(route.service).inc()
         failed: set[str] = set()
         sent = bytearray()  # what the client sent before the endpoint answered
         client_done = False
@@ -192,16 +213,26 @@ class ServiceProxy:
                         # bytes go to another endpoint.
                         uw.close()
                         failed.add(ep.replica_id)
+                        if m is not None:
+                            m.proxy_errors.labels(route.service, "dropped").inc()
                         if len(sent) > self.config.replay_limit:
                             return
                         continue
                     route.served[ep.replica_id] = route.served.get(ep.replica_id, 0) + 1
+                    count_in = count_out = None
+                    if m is not None:
+                        m.proxy_connections.labels(route.service, ep.replica_id).inc()
+                        m.proxy_first_byte.labels(route.service).observe(time.monotonic() - started)
+                        count_in = m.proxy_bytes.labels(route.service, "in").inc
+                        count_out = m.proxy_bytes.labels(route.service, "out").inc
+                        count_in(len(sent))
+                        count_out(len(first))
                     writer.write(first)
                     await writer.drain()
                     sent.clear()
-                    pipes = [_pipe(ur, writer, self.config.chunk)]
+                    pipes = [_pipe(ur, writer, self.config.chunk, count_out)]
                     if not client_done:
-                        pipes.append(_pipe(reader, uw, self.config.chunk))
+                        pipes.append(_pipe(reader, uw, self.config.chunk, count_in))
                     splice = asyncio.ensure_future(asyncio.gather(*pipes))
                     try:
                         await asyncio.wait({splice, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -228,6 +259,8 @@ class ServiceProxy:
             return
         finally:
             route.active -= 1
+            if m is not None:
+                m.proxy_active.labels(route.service).dec()
             if not writer.is_closing():
                 writer.close()
 
@@ -286,11 +319,17 @@ class ServiceProxy:
             if ep is None:
                 if failed:
                     self._log.warning("proxy.no_endpoint_answered", service=route.service, tried=len(failed))
+                if self._metrics is not None:
+                    self._metrics.proxy_errors.labels(route.service, "no_endpoint").inc()
                 return None
+            if failed and self._metrics is not None:
+                self._metrics.proxy_retries.labels(route.service).inc()  # another endpoint, after a failure
             try:
                 ur, uw = await asyncio.wait_for(asyncio.open_connection(ep.address, ep.port), self.config.connect_timeout)
             except (OSError, TimeoutError):
                 failed.add(ep.replica_id)
+                if self._metrics is not None:
+                    self._metrics.proxy_errors.labels(route.service, "connect").inc()
                 continue
             sock = uw.get_extra_info("socket")
             if sock is not None:
@@ -298,9 +337,12 @@ class ServiceProxy:
             return ur, uw, ep
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, chunk: int) -> None:
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, chunk: int,
+                count: Callable[[int], None] | None = None) -> None:
     try:
         while data := await src.read(chunk):
+            if count is not None:
+                count(len(data))
             dst.write(data)
             await dst.drain()
         if dst.can_write_eof():

@@ -51,6 +51,7 @@ class DevAgent:
     data_dir: pathlib.Path
     grpc_port: int = field(default_factory=free_port)
     gossip_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     node: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
     proc: subprocess.Popen[bytes] | None = None
     log_path: pathlib.Path | None = None
@@ -70,7 +71,8 @@ class DevAgent:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shoal", "agent", *self.mode, "--data-dir", str(self.data_dir),
-             "--grpc-port", str(self.grpc_port), "--gossip-port", str(self.gossip_port), "--node-name", self.node, "--seed", "7", *self.extra_args],
+             "--grpc-port", str(self.grpc_port), "--gossip-port", str(self.gossip_port),
+             "--metrics-port", str(self.metrics_port), "--node-name", self.node, "--seed", "7", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         log.close()

@@ -275,45 +275,52 @@ def test_one_line_errors(agent: DevAgent, tmp_path: pathlib.Path, content: str |
     assert agent.get_json("deployments") == []
 
 
-def test_process_driver_and_logs(agent: DevAgent, tmp_path: pathlib.Path) -> None:
+def process_manifest(name: str, replicas: int, port: int | None = None) -> str:
+    """A Deployment of the whoami binary on the process driver, and a round robin
+    Service for it on `port` (none if `port` is None)."""
     whoami = ROOT / "build" / "bin" / "whoami"
     assert whoami.exists(), "scripts/build-images.sh builds build/bin/whoami"
-    port = 18080
-    m = tmp_path / "proc.yaml"
-    m.write_text(
-        f"""apiVersion: apps/v1
+    text = f"""apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: whoproc
+  name: {name}
   annotations:
     shoal.io/driver: process
 spec:
-  replicas: 2
+  replicas: {replicas}
   selector:
-    matchLabels: {{app: whoproc}}
+    matchLabels: {{app: {name}}}
   template:
     metadata:
-      labels: {{app: whoproc}}
+      labels: {{app: {name}}}
     spec:
       containers:
       - name: whoami
         command: ["{whoami}"]
         ports:
         - containerPort: 8080
----
+"""
+    if port is not None:
+        text += f"""---
 apiVersion: v1
 kind: Service
 metadata:
-  name: whoproc
+  name: {name}
   annotations:
     shoal.io/balance: round_robin
 spec:
-  selector: {{app: whoproc}}
+  selector: {{app: {name}}}
   ports:
   - port: {port}
     targetPort: 8080
 """
-    )
+    return text
+
+
+def test_process_driver_and_logs(agent: DevAgent, tmp_path: pathlib.Path) -> None:
+    port = 18080
+    m = tmp_path / "proc.yaml"
+    m.write_text(process_manifest("whoproc", 2, port))
     r = agent.cli("apply", "-f", str(m))
     assert r.code == 0, r.err
     wait_until(lambda: ready_pods(agent, 2), 30, what="2 ready process pods")
@@ -355,31 +362,13 @@ def test_unreachable_server_is_one_clear_line(tmp_path: pathlib.Path) -> None:
 def test_a_taken_host_port_sends_the_replica_to_another(agent: DevAgent, tmp_path: pathlib.Path) -> None:
     """Something shoal does not manage holds the first port of the dynamic range: the
     replica is told so by its agent, gets another port, and serves."""
-    whoami = ROOT / "build" / "bin" / "whoami"
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     blocker.bind(("0.0.0.0", 20000))  # the scheduler's first choice on an empty node
     blocker.listen()
     try:
         m = tmp_path / "one.yaml"
-        m.write_text(
-            f"""apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: squatted
-  annotations: {{shoal.io/driver: process}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: squatted}}}}
-  template:
-    metadata: {{labels: {{app: squatted}}}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports: [{{containerPort: 8080}}]
-"""
-        )
+        m.write_text(process_manifest("squatted", 1))
         assert agent.cli("apply", "-f", str(m)).code == 0
         pods = wait_until(lambda: ready_pods(agent, 1), 30, what="the replica ready on another port")
         assert int(pods[0]["host_port"]) != 20000
@@ -387,3 +376,37 @@ spec:
         assert "PortInUse" in agent.cli("events").out
     finally:
         blocker.close()
+
+
+def test_metrics_count_every_connection_by_endpoint(agent: DevAgent, tmp_path: pathlib.Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = 18081
+    m = tmp_path / "metered.yaml"
+    m.write_text(process_manifest("metered", 2, port))
+    assert agent.cli("apply", "-f", str(m)).code == 0
+    wait_until(lambda: ready_pods(agent, 2), 30, what="2 ready process pods")
+    wait_until(lambda: len(endpoints_of(agent, "metered")) == 2, 20, what="2 endpoints")
+    n = 10
+    answers = [http_get(port).strip() for _ in range(n)]
+
+    def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
+        text = http_get(agent.metrics_port, "/metrics")
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return out
+
+    metrics = scrape()
+    per_endpoint = {labels["endpoint"]: value for labels, value in metrics["shoal_proxy_connections_total"]
+                    if labels["service"] == "metered"}
+    assert per_endpoint == {pod: float(answers.count(pod)) for pod in set(answers)}
+    assert sorted(per_endpoint.values()) == [n / 2, n / 2], "round robin splits them evenly"
+    wait_until(lambda: [v for labels, v in scrape()["shoal_proxy_active_connections"]
+                        if labels["service"] == "metered"] == [0.0], 5, what="no connection left open")
+    assert [v for labels, v in metrics["shoal_service_endpoints"] if labels["service"] == "metered"] == [2.0]
+    assert [v for labels, v in metrics["shoal_proxy_first_byte_seconds_count"] if labels["service"] == "metered"] == [n]
+    assert {labels["state"]: v for labels, v in metrics["shoal_replicas"]}.get("ready") == 2.0
+    assert [v for labels, v in metrics["shoal_raft"] if labels["field"] == "leader"] == [1.0]
+    assert metrics["shoal_node_memory_total_bytes"][0][1] > 0
