@@ -192,12 +192,17 @@ class ServiceProxy:
         failed: set[str] = set()
         sent = bytearray()  # what the client sent before the endpoint answered
         client_done = False
+        peer = writer.get_extra_info("peername")
+        key = str(peer[0]).encode() if peer else None  # consistent hash: by client address
         try:
             while True:
-                upstream = await self._connect(route, failed)
+                upstream = await self._connect(route, failed, key)
                 if upstream is None:
                     return
                 ur, uw, ep = upstream
+                connected = time.monotonic()
+                latency: float | None = None  # to the first byte; None: no answer
+                route.picker.started(ep.replica_id)
                 if sent:
                     uw.write(sent)
                 if client_done and uw.can_write_eof():
@@ -219,6 +224,7 @@ class ServiceProxy:
                             return
                         continue
                     route.served[ep.replica_id] = route.served.get(ep.replica_id, 0) + 1
+                    latency = time.monotonic() - connected
                     count_in = count_out = None
                     if m is not None:
                         m.proxy_connections.labels(route.service, ep.replica_id).inc()
@@ -250,6 +256,7 @@ class ServiceProxy:
                     return
                 finally:
                     uw.close()
+                    route.picker.finished(ep.replica_id, latency)
                     waiting = self._waiting.get(ep.replica_id)
                     if waiting is not None:
                         waiting.discard(gone)
@@ -313,9 +320,10 @@ class ServiceProxy:
                 if t is not None and not t.done():
                     t.cancel()
 
-    async def _connect(self, route: Route, failed: set[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Endpoint] | None:
+    async def _connect(self, route: Route, failed: set[str],
+                       key: bytes | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Endpoint] | None:
         while True:
-            ep = route.picker.pick(exclude=frozenset(failed))
+            ep = route.picker.pick(exclude=frozenset(failed), key=key)
             if ep is None:
                 if failed:
                     self._log.warning("proxy.no_endpoint_answered", service=route.service, tried=len(failed))

@@ -26,10 +26,30 @@ The algorithms
   tie) and loses the sum of the eligible weights. Over any window of sum(weights) picks
   each endpoint is chosen exactly weight times, interleaved rather than in bursts: 5:1:1
   gives a a b a c a a. Weight 0 drains an endpoint: it is never picked.
+- Least connections: the endpoint with the fewest outstanding requests per unit of
+  weight; ties go round robin (so idle endpoints share new work instead of the first
+  one taking it all).
+- Power of two choices over a moving average (p2c_ewma): two distinct endpoints drawn
+  at random, the one with the lower cost wins, cost = EWMA of its latency × (its
+  outstanding requests + 1) / weight. A slow or overloaded endpoint loses most draws by
+  itself. The average moves by `EWMA_ALPHA` per finished request; one that has none yet
+  counts as the average of the others (so a new replica is tried, not flooded). An
+  endpoint that keeps losing is not forgotten: each lost draw pulls its average a
+  little (`EWMA_DECAY`) toward the others', so it is retried after a while.
+- Consistent hash (by a key: the client address, or a header in HTTP mode): a ring of
+  `VNODES` points per unit of weight, placed by a hash of the replica id; a key goes to
+  the first point at or after its own hash. When one of N endpoints leaves, only the
+  keys it held (about 1/N) move. Excluded endpoints are skipped along the ring.
+
+Feedback: `started(replica_id)` when a request or connection goes to an endpoint and
+`finished(replica_id, seconds)` when it ends (seconds: its latency, or None if it failed
+before answering). Pickers that do not use them ignore them.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +64,9 @@ __all__ = [
     "RoundRobin",
     "Random",
     "SmoothWeighted",
+    "LeastConn",
+    "P2CEwma",
+    "ConsistentHash",
     "make_picker",
     "round_robin_slot",
 ]
@@ -89,8 +112,17 @@ class Picker(Protocol):
         """The endpoints currently picked from."""
         ...
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
-        """An endpoint whose replica id is not in `exclude`, or None if there is none."""
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
+        """An endpoint whose replica id is not in `exclude`, or None if there is none.
+        `key` (consistent hash only) is what keeps a client on one endpoint."""
+        ...
+
+    def started(self, replica_id: str) -> None:
+        """A request or connection went to this endpoint."""
+        ...
+
+    def finished(self, replica_id: str, seconds: float | None) -> None:
+        """It ended after `seconds` (its latency), or failed (None)."""
         ...
 
     def update(self, endpoints: Iterable[Endpoint]) -> None:
@@ -121,7 +153,7 @@ class RoundRobin:
         """R: how many picks have returned an endpoint so far."""
         return self._count
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
         eps = self._endpoints
         n = len(eps)
         if n == 0:
@@ -137,6 +169,12 @@ class RoundRobin:
     def update(self, endpoints: Iterable[Endpoint]) -> None:
         self._endpoints = tuple(endpoints)
 
+    def started(self, replica_id: str) -> None:
+        return None
+
+    def finished(self, replica_id: str, seconds: float | None) -> None:
+        return None
+
 
 class Random:
     """Uniform choice among the endpoints not excluded, from the injected rng."""
@@ -151,7 +189,7 @@ class Random:
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._endpoints
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
         eps = self._endpoints
         if exclude:
             eps = tuple(e for e in eps if e.replica_id not in exclude)
@@ -161,6 +199,9 @@ class Random:
 
     def update(self, endpoints: Iterable[Endpoint]) -> None:
         self._endpoints = tuple(endpoints)
+
+    started = RoundRobin.started
+    finished = RoundRobin.finished
 
 
 class SmoothWeighted:
@@ -187,7 +228,7 @@ class SmoothWeighted:
         """Each endpoint's current weight, by replica id (for tests and debugging)."""
         return {e.replica_id: c for e, c in zip(self._endpoints, self._current)}
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
         eps = self._endpoints
         cur = self._current
         total = 0
@@ -218,6 +259,189 @@ class SmoothWeighted:
                 cur = [c - shift for c in cur]
         self._current = cur
 
+    started = RoundRobin.started
+    finished = RoundRobin.finished
+
+
+class LeastConn:
+    """Fewest outstanding requests per unit of weight; ties round robin."""
+
+    __slots__ = ("_endpoints", "_outstanding", "_next")
+
+    def __init__(self, endpoints: Iterable[Endpoint] = ()) -> None:
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._outstanding: dict[str, int] = {}
+        self._next = 0
+        self.update(endpoints)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    @property
+    def outstanding(self) -> dict[str, int]:
+        return dict(self._outstanding)
+
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
+        eps = self._endpoints
+        n = len(eps)
+        best: Endpoint | None = None
+        best_load = 0.0
+        for step in range(n):
+            ep = eps[(self._next + step) % n]
+            if ep.weight <= 0 or ep.replica_id in exclude:
+                continue
+            load = self._outstanding.get(ep.replica_id, 0) / ep.weight
+            if best is None or load < best_load:
+                best, best_load = ep, load
+        if best is not None:
+            self._next = (eps.index(best) + 1) % n
+        return best
+
+    def update(self, endpoints: Iterable[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        ids = {e.replica_id for e in self._endpoints}
+        self._outstanding = {k: v for k, v in self._outstanding.items() if k in ids}
+
+    def started(self, replica_id: str) -> None:
+        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+
+    def finished(self, replica_id: str, seconds: float | None) -> None:
+        left = self._outstanding.get(replica_id, 0) - 1
+        if left > 0:
+            self._outstanding[replica_id] = left
+        else:
+            self._outstanding.pop(replica_id, None)
+
+
+EWMA_ALPHA = 0.3
+"""Weight of the newest latency in the moving average: a replica that turns slow is
+avoided within a handful of requests."""
+
+EWMA_DECAY = 0.05
+"""Share of the gap to the others' average a losing endpoint's average closes per lost
+draw, so a replica that recovered is tried again after some tens of requests."""
+
+FAILED_LATENCY = 1.0
+"""Seconds a failed request counts as, in the moving average."""
+
+
+class P2CEwma:
+    """Power of two random choices over EWMA latency × outstanding; see the module docstring."""
+
+    __slots__ = ("_endpoints", "_rng", "_ewma", "_outstanding")
+
+    def __init__(self, endpoints: Iterable[Endpoint], rng: random.Random) -> None:
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._rng = rng
+        self._ewma: dict[str, float] = {}
+        self._outstanding: dict[str, int] = {}
+        self.update(endpoints)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    @property
+    def averages(self) -> dict[str, float]:
+        return dict(self._ewma)
+
+    def _mean(self) -> float:
+        return sum(self._ewma.values()) / len(self._ewma) if self._ewma else 0.0
+
+    def _cost(self, ep: Endpoint, mean: float) -> float:
+        latency = self._ewma.get(ep.replica_id, mean)
+        return latency * (self._outstanding.get(ep.replica_id, 0) + 1) / ep.weight
+
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
+        eps = [e for e in self._endpoints if e.weight > 0 and e.replica_id not in exclude]
+        if not eps:
+            return None
+        if len(eps) == 1:
+            return eps[0]
+        i, j = self._rng.sample(range(len(eps)), 2)
+        a, b = eps[i], eps[j]
+        mean = self._mean()
+        ca, cb = self._cost(a, mean), self._cost(b, mean)
+        win, lose = (a, b) if ca <= cb else (b, a)
+        lost = self._ewma.get(lose.replica_id)
+        if lost is not None and lost > mean:
+            self._ewma[lose.replica_id] = lost - (lost - mean) * EWMA_DECAY
+        return win
+
+    def update(self, endpoints: Iterable[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        ids = {e.replica_id for e in self._endpoints}
+        self._ewma = {k: v for k, v in self._ewma.items() if k in ids}
+        self._outstanding = {k: v for k, v in self._outstanding.items() if k in ids}
+
+    def started(self, replica_id: str) -> None:
+        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+
+    def finished(self, replica_id: str, seconds: float | None) -> None:
+        left = self._outstanding.get(replica_id, 0) - 1
+        if left > 0:
+            self._outstanding[replica_id] = left
+        else:
+            self._outstanding.pop(replica_id, None)
+        if not any(e.replica_id == replica_id for e in self._endpoints):
+            return
+        sample = FAILED_LATENCY if seconds is None else max(0.0, seconds)
+        old = self._ewma.get(replica_id)
+        self._ewma[replica_id] = sample if old is None else old + EWMA_ALPHA * (sample - old)
+
+
+VNODES = 160
+"""Ring points per unit of weight: with 160, each of N endpoints holds within a few
+per cent of 1/N of the keys."""
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class ConsistentHash:
+    """A hash ring over the endpoints; a key sticks to one endpoint while it stays."""
+
+    __slots__ = ("_endpoints", "_points", "_owners", "_rng")
+
+    def __init__(self, endpoints: Iterable[Endpoint], rng: random.Random) -> None:
+        self._rng = rng  # for requests without a key
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._points: list[int] = []
+        self._owners: list[Endpoint] = []
+        self.update(endpoints)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    def pick(self, exclude: frozenset[str] = frozenset(), key: bytes | None = None) -> Endpoint | None:
+        if not self._points:
+            return None
+        if key is None:
+            key = self._rng.randbytes(8)
+        n = len(self._points)
+        start = bisect.bisect_left(self._points, _hash64(key))
+        for step in range(n):
+            ep = self._owners[(start + step) % n]
+            if ep.replica_id not in exclude:
+                return ep
+        return None
+
+    def update(self, endpoints: Iterable[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)
+        ring = sorted(
+            (_hash64(f"{e.replica_id}#{i}".encode()), e.replica_id, e)
+            for e in self._endpoints
+            for i in range(VNODES * max(0, e.weight))
+        )
+        self._points = [h for h, _, _ in ring]
+        self._owners = [e for _, _, e in ring]
+
+    started = RoundRobin.started
+    finished = RoundRobin.finished
+
 
 def make_picker(
     algorithm: Algorithm, endpoints: Iterable[Endpoint], rng: random.Random
@@ -229,4 +453,10 @@ def make_picker(
         return Random(endpoints, rng)
     if algorithm is Algorithm.WEIGHTED:
         return SmoothWeighted(endpoints)
+    if algorithm is Algorithm.LEAST_CONN:
+        return LeastConn(endpoints)
+    if algorithm is Algorithm.P2C_EWMA:
+        return P2CEwma(endpoints, rng)
+    if algorithm is Algorithm.CONSISTENT_HASH:
+        return ConsistentHash(endpoints, rng)
     raise ValueError(f"no picker for balancing algorithm {algorithm!r}")

@@ -45,6 +45,9 @@ class Algorithm(enum.Enum):
     ROUND_ROBIN = "round_robin"
     RANDOM = "random"
     WEIGHTED = "weighted"
+    LEAST_CONN = "least_conn"
+    P2C_EWMA = "p2c_ewma"
+    CONSISTENT_HASH = "consistent_hash"
 
 
 class Driver(enum.Enum):

@@ -8,7 +8,10 @@ from collections import Counter
 import pytest
 
 from shoal.balancing import (
+    ConsistentHash,
     Endpoint,
+    LeastConn,
+    P2CEwma,
     Random,
     RoundRobin,
     SmoothWeighted,
@@ -173,10 +176,101 @@ def test_make_picker() -> None:
     assert isinstance(make_picker(Algorithm.ROUND_ROBIN, ABC, rng), RoundRobin)
     assert isinstance(make_picker(Algorithm.RANDOM, ABC, rng), Random)
     assert isinstance(make_picker(Algorithm.WEIGHTED, ABC, rng), SmoothWeighted)
+    assert isinstance(make_picker(Algorithm.LEAST_CONN, ABC, rng), LeastConn)
+    assert isinstance(make_picker(Algorithm.P2C_EWMA, ABC, rng), P2CEwma)
+    assert isinstance(make_picker(Algorithm.CONSISTENT_HASH, ABC, rng), ConsistentHash)
     for algorithm in Algorithm:
         picker = make_picker(algorithm, ABC, rng)
         assert picker.endpoints == ABC
         assert picker.pick() in ABC
+
+
+# --------------------------------------------------------------------------- least connections
+
+
+def test_least_conn_sends_new_work_to_the_idle_endpoint() -> None:
+    lc = LeastConn(ABC)
+    for rid in ("a", "a", "b"):
+        lc.started(rid)
+    assert names([lc.pick()]) == "c"
+    lc.started("c")
+    assert names([lc.pick()]) == "b", "b and c have one each; the next in rotation wins"
+    lc.finished("a", 0.01)
+    lc.finished("a", 0.01)
+    assert lc.outstanding == {"b": 1, "c": 1}
+    assert names([lc.pick()]) == "a"
+
+
+def test_least_conn_idle_endpoints_share_round_robin_and_respect_weight() -> None:
+    lc = LeastConn(ABC)
+    assert names([lc.pick() for _ in range(6)]) == "a b c a b c"
+    heavy = LeastConn((ep("a", weight=3), ep("b")))
+    for _ in range(3):
+        heavy.started("a")
+    heavy.started("b")
+    # a: 3/3 = 1 per weight, b: 1/1 = 1: a tie, decided by rotation; one more on b
+    # tips it to a.
+    heavy.started("b")
+    assert names([heavy.pick()]) == "a"
+    assert names([lc.pick(exclude=frozenset("abc"))]) == "-"
+
+
+# --------------------------------------------------------------------------- p2c ewma
+
+
+def test_p2c_ewma_avoids_a_slow_endpoint() -> None:
+    rng = random.Random(3)
+    p = P2CEwma(ABC, rng)
+    latency = {"a": 0.010, "b": 0.010, "c": 0.100}  # c is ten times slower
+    counts: Counter[str] = Counter()
+    for _ in range(3000):
+        e = p.pick()
+        assert e is not None
+        counts[e.replica_id] += 1
+        p.started(e.replica_id)
+        p.finished(e.replica_id, latency[e.replica_id])
+    assert counts["c"] / 3000 < 0.10, counts
+    assert counts["c"] > 0, "a slow endpoint is still tried now and then"
+
+
+def test_p2c_ewma_prefers_the_less_loaded_of_equals_and_new_endpoints_get_tried() -> None:
+    p = P2CEwma((ep("a"), ep("b")), random.Random(1))
+    p.finished("a", 0.01)
+    p.finished("b", 0.01)
+    for _ in range(5):
+        p.started("a")
+    assert {p.pick().replica_id for _ in range(20)} == {"b"}  # type: ignore[union-attr]
+    p.update((ep("a"), ep("b"), ep("new")))
+    picks = Counter(p.pick().replica_id for _ in range(300))  # type: ignore[union-attr]
+    assert picks["new"] > 0
+    assert p.pick(exclude=frozenset({"a", "b", "new"})) is None
+
+
+# --------------------------------------------------------------------------- consistent hash
+
+
+def test_consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() -> None:
+    ch = ConsistentHash(ABC, random.Random(1))
+    keys = [f"10.0.{i // 250}.{i % 250}".encode() for i in range(3000)]
+    first = {k: ch.pick(key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    assert all(ch.pick(key=k).replica_id == first[k] for k in keys[:300])  # type: ignore[union-attr]
+    share = Counter(first.values())
+    assert all(800 < share[r] < 1200 for r in "abc"), share
+
+
+def test_consistent_hash_moves_only_the_leaving_endpoints_keys() -> None:
+    eps = tuple(ep(f"r{i}") for i in range(5))
+    ch = ConsistentHash(eps, random.Random(1))
+    keys = [f"client-{i}".encode() for i in range(5000)]
+    before = {k: ch.pick(key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    ch.update(eps[:4])  # r4 leaves
+    after = {k: ch.pick(key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "r4" for k in moved), "only r4's keys move"
+    assert len(moved) / len(keys) < 1 / 5 * 1.3
+    # An excluded endpoint's keys go to the next point on the ring, the rest stay.
+    k = next(k for k in keys if after[k] == "r0")
+    assert ch.pick(exclude=frozenset({"r0"}), key=k).replica_id != "r0"  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- tables

@@ -265,7 +265,7 @@ def test_a_manifest_with_many_mistakes_reports_all_of_them_with_lines() -> None:
         '("m" means thousandths; did you mean "128Mi"?)',
         f"{src}:36: {c}.livenessProbe.successThreshold: must be 1 for a livenessProbe, got 2",
         f"{src}:37: {c}.volumeMounts: field not supported by shoal",
-        f'{src}:44: metadata.annotations["shoal.io/balance"]: must be one of round_robin, random, weighted, '
+        f'{src}:44: metadata.annotations["shoal.io/balance"]: must be one of round_robin, random, weighted, least_conn, p2c_ewma, consistent_hash, '
         'got "fastest"',
         f"{src}:50: spec.ports[0].name: required when a service has more than one port",
         f"{src}:52: spec.ports[0].nodePort: only allowed when type is NodePort or LoadBalancer",

@@ -12,7 +12,7 @@ import pytest
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.v1 import types_pb2
 
-from helpers import free_port
+from helpers import eventually, free_port
 
 TIMEOUT = 5.0
 
@@ -20,8 +20,9 @@ TIMEOUT = 5.0
 class Backend:
     """Answers every connection with its name and a newline, then echoes until EOF."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, delay: float = 0.0) -> None:
         self.name = name
+        self.delay = delay  # before the greeting: a slow replica
         self.server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0
@@ -34,6 +35,8 @@ class Backend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             writer.write(f"{self.name}\n".encode())
             await writer.drain()
             while data := await reader.read(65536):
@@ -207,3 +210,55 @@ async def test_two_services_on_one_port_is_reported(backends: list[Backend], pro
                     table("second", [port], [endpoint("second-b", b.port)])])
     assert [(e[1], e[2]) for e in events if e[0] == "Warning"] == [("PortInUse", "service/second")]
     assert await ask(port) == "a"
+
+
+# -- algorithms that learn from traffic ------------------------------------------------
+
+
+async def test_p2c_ewma_sends_a_ten_times_slower_replica_under_a_tenth(proxy: tuple[ServiceProxy, list]) -> None:
+    p, _ = proxy
+    fast = [await Backend(n, delay=0.004).start() for n in ("a", "b")]
+    slow = await Backend("slow", delay=0.040).start()
+    try:
+        port = free_port()
+        eps = [endpoint(f"web-{b.name}", b.port) for b in (*fast, slow)]
+        await p.update([table("web", [port], eps, algorithm="p2c_ewma")])
+        got = [await ask(port) for _ in range(150)]
+        assert got.count("slow") / len(got) < 0.10, got.count("slow")
+        assert got.count("slow") > 0, "the slow replica is still tried now and then"
+    finally:
+        for b in (*fast, slow):
+            await b.stop()
+
+
+async def test_least_conn_sends_a_new_connection_to_the_idle_replica(
+    backends: list[Backend], proxy: tuple[ServiceProxy, list]
+) -> None:
+    p, _ = proxy
+    port = free_port()
+    await p.update([table("web", [port], [endpoint(f"web-{b.name}", b.port) for b in backends], algorithm="least_conn")])
+    held = []
+    for _ in range(2):  # two long connections: they go to a and b
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        held.append((await asyncio.wait_for(reader.readline(), TIMEOUT), writer))
+    try:
+        assert sorted(name for name, _ in held) == [b"a\n", b"b\n"]
+        assert await ask(port) == "c", "a and b are busy"
+        held[0][1].close()  # a's connection ends; once the proxy has seen it, a is the idle one
+        picker = p.routes[port].picker
+        await eventually(lambda: picker.outstanding == {"web-b": 1}, TIMEOUT, 0.01, what="a and c idle")
+        assert await ask(port) == "a"
+    finally:
+        for _, w in held:
+            w.close()
+
+
+async def test_consistent_hash_keeps_a_client_on_one_replica(
+    backends: list[Backend], proxy: tuple[ServiceProxy, list]
+) -> None:
+    p, _ = proxy
+    port = free_port()
+    await p.update([table("web", [port], [endpoint(f"web-{b.name}", b.port) for b in backends],
+                          algorithm="consistent_hash")])
+    got = {await ask(port) for _ in range(12)}
+    assert len(got) == 1, got
