@@ -18,6 +18,11 @@ Rules:
   connection, the `PushPullResponse` the core addresses to that `src`. Every exchange
   has a deadline (`stream_timeout`) and a size bound (`max_frame`), and at most
   `max_inbound_streams` are served at once.
+- Reachability checks (`Ready.checks`): a non-blocking TCP connect from the bound
+  address to the member's gossip address, closed as soon as it completes, sending
+  nothing; the outcome (`reach_outcome`, the one mapping of connect errors) goes back
+  to the core. The listener counts a connection closed before any byte as a check it
+  served, not as a failed exchange.
 - `join(seeds)` retries with exponential back-off and jitter until a seed answers (or a
   member reaches us), returns whether that happened within its timeout, and keeps
   retrying in the background after that, logging each attempt.
@@ -51,7 +56,19 @@ import structlog
 
 from shoal.agent import gossip_wire as wire
 from shoal.agent.gossip_wire import DropReason, MalformedPacket, TruncatedPacket, WireError
-from shoal.agent.swim import Address, Config, EventKind, Member, MemberEvent, Meta, Outbound, Stream, Swim
+from shoal.agent.swim import (
+    Address,
+    Config,
+    EventKind,
+    Member,
+    MemberEvent,
+    Meta,
+    Outbound,
+    Reach,
+    ReachCheck,
+    Stream,
+    Swim,
+)
 from shoal.agent.swim.messages import Compound, Message, PushPull, PushPullRequest, PushPullResponse
 from shoal.errors import ConfigError
 
@@ -61,6 +78,8 @@ __all__ = [
     "GossipStats",
     "GossipShell",
     "parse_seed",
+    "reach",
+    "reach_outcome",
 ]
 
 DEFAULT_PORT = 7421
@@ -72,6 +91,57 @@ _DROP_WARNING_EVERY = 10.0
 _BIND_ATTEMPTS = 8
 # Floor on the timer delay: guards against a busy loop if a deadline stays in the past.
 _MIN_TIMER_DELAY = 0.001
+# Pending connections the push-pull listener's kernel queues. While this agent is stopped
+# (SIGSTOP, swap) its kernel keeps completing handshakes into this queue, and probers
+# that see them stay patient; a full queue drops SYNs and probers fall back to silence.
+# A prober that excuses a stopped agent checks it every probe interval (about 3 a
+# second): asyncio's default of 100 would fill within host_up_patience once seven
+# probers do, 1024 lasts that long for sixty.
+_ACCEPT_BACKLOG = 1024
+# Floor on a reachability check's timeout: a check asked for late (a busy loop) still
+# gets the time a LAN handshake takes.
+_MIN_CHECK_TIMEOUT = 0.01
+
+# What a failed connect says about the member's host (the first class in an error's MRO
+# that is listed here wins). Only a refusal is evidence: ECONNREFUSED is the host's RST
+# (or an ICMP port-unreachable, which a REJECT firewall rule also sends: the core gives a
+# refused member a short chance to refute for that reason). A timeout, a host or network
+# unreachable, a reset or a local error say nothing about the agent.
+_REACH_BY_ERROR: dict[type[BaseException], Reach] = {
+    ConnectionRefusedError: Reach.REFUSED,
+    TimeoutError: Reach.NO_ANSWER,
+    OSError: Reach.NO_ANSWER,
+}
+
+
+def reach_outcome(exc: BaseException | None) -> Reach:
+    """The `Reach` of a connect attempt that raised `exc` (None: it connected)."""
+    if exc is None:
+        return Reach.ACCEPTED
+    for cls in type(exc).__mro__:
+        outcome = _REACH_BY_ERROR.get(cls)
+        if outcome is not None:
+            return outcome
+    raise TypeError(f"not a connect error: {exc!r}")
+
+
+async def reach(address: Address, timeout: float, local_addr: tuple[str, int] | None = None) -> Reach:
+    """Open a TCP connection to `address` and close it at once: what its host answers."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    error: BaseException | None = None
+    try:
+        if local_addr is not None:
+            sock.bind(local_addr)
+        async with asyncio.timeout(max(timeout, _MIN_CHECK_TIMEOUT)):
+            await loop.sock_connect(sock, address)
+    except (OSError, TimeoutError) as exc:
+        error = exc
+    finally:
+        sock.close()
+    return reach_outcome(error)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,6 +302,9 @@ class GossipStats:
     streams_accepted: int = 0  # push-pull connections served
     streams_refused: int = 0  # connections closed because max_inbound_streams were busy
     stream_errors: int = 0  # exchanges that failed: refused, timed out, closed early
+    # Outcomes of this member's reachability checks of members that missed a ping.
+    checks: dict[Reach, int] = field(default_factory=lambda: dict.fromkeys(Reach, 0))
+    checks_served: int = 0  # connections closed before any byte: other members' checks
     core_errors: int = 0  # exceptions raised by the core (bugs; logged with a traceback)
     events_dropped: int = 0  # events not delivered to a full bounded subscriber queue
 
@@ -343,7 +416,7 @@ class GossipShell:
             bound = int(udp.get_extra_info("sockname")[1])
             try:
                 self._tcp = await asyncio.start_server(
-                    self._on_connection, host=host, port=bound, reuse_address=True
+                    self._on_connection, host=host, port=bound, reuse_address=True, backlog=_ACCEPT_BACKLOG
                 )
             except OSError as exc:
                 last = exc
@@ -622,6 +695,8 @@ class GossipShell:
                     self._send_packet(out)
                 for s in ready.streams:
                     self._send_stream(s)
+                for c in ready.checks:
+                    self._spawn(self._check(c))
                 for ev in ready.events:
                     self._deliver(ev)
         finally:
@@ -750,6 +825,20 @@ class GossipShell:
         if request.join:
             self._joined.set()
 
+    async def _check(self, check: ReachCheck) -> None:
+        """One reachability check the core asked for; its outcome goes back to the core."""
+        outcome = await reach(check.address, check.timeout, self._tcp_local)
+        self.stats.checks[outcome] += 1
+        self._log.debug("gossip.reach", member=check.name, address=_fmt_addr(check.address), outcome=outcome.value)
+        if self._closed or self._swim is None:
+            return
+        try:
+            self._swim.reachability(check, outcome, time.monotonic())
+        except Exception:  # noqa: BLE001 - as in _step
+            self.stats.core_errors += 1
+            self._log.exception("gossip.core_error", during="reachability", member=check.name)
+        self._flush()
+
     async def _read_frame(self, reader: asyncio.StreamReader) -> PushPull:
         try:
             header = await reader.readexactly(wire.FRAME_HEADER)
@@ -793,7 +882,9 @@ class GossipShell:
                 await writer.drain()
         except WireError as exc:
             self._dropped(exc, src, self.stats.stream_dropped)
-        except (OSError, TimeoutError, EOFError) as exc:
+        except EOFError:
+            self.stats.checks_served += 1  # connected and closed: a reachability check
+        except (OSError, TimeoutError) as exc:
             self.stats.stream_errors += 1
             self._log.debug("gossip.push_pull_failed", src=_fmt_addr(src), error=_describe(exc))
         except asyncio.CancelledError:

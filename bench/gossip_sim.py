@@ -9,12 +9,14 @@ prints:
   the load that must stay flat in N), and the extra datagrams and messages per member
   that one update costs over its whole life (bounded by the retransmit limit, log N),
 - the protocol periods (and gossip rounds) until a metadata update reaches every member,
-- the seconds until a crashed member is known dead by every other member.
+- the seconds until a crashed member is known dead by every other member (its agent
+  killed, its host up: probers are refused).
 
 SWIM's claims (T3 in the brief): load per member flat in N, spread in O(log N) periods.
 The last column divides the spread by log10(N): roughly constant means logarithmic.
 Anchor: the SWIM paper (constant per-member load; dissemination in O(log N) rounds).
-Also prints the 5-member LAN failure detection distribution (the simulated side of T1).
+Also prints the 5-member LAN failure detection distribution (the simulated side of T1),
+for both kinds of failure: an agent crash on a live host (refused) and a silent host.
 
 Usage: python bench/gossip_sim.py [--full] [--seed S] [--updates U]
 """
@@ -102,8 +104,9 @@ def spread(n: int, seed: int, updates: int) -> dict[str, float]:
     }
 
 
-def detection_5(seed: int, runs: int) -> list[float]:
-    """Seconds from a crash to dead-on-every-member, 5 members, LAN profile."""
+def detection_5(seed: int, runs: int, fault: str) -> list[float]:
+    """Seconds from a failure to dead-on-every-member, 5 members, LAN profile. `fault` is
+    "crash" (the agent killed, its host refuses) or "power_off" (the host goes silent)."""
     out: list[float] = []
     for r in range(runs):
         sim = Sim(seed=seed * 100_000 + r)
@@ -114,7 +117,7 @@ def detection_5(seed: int, runs: int) -> list[float]:
             sim.add(f"h{i}", join=["h0"])
         sim.run_for(5 + sim.rng.uniform(0, 2))
         killed = sim.now
-        sim.crash("h3")
+        getattr(sim, fault)("h3")
         sim.run_until_true(lambda: len(deaths.seen_by("h3")) == 4, timeout=30, step=0.02)
         out.append(max(deaths.seen_by("h3").values()) - killed)
     return out
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also N = 10,000 (~8 min, ~3 GB)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--updates", type=int, default=5, help="updates timed per N")
-    ap.add_argument("--detect-runs", type=int, default=200, help="5-member crash runs")
+    ap.add_argument("--detect-runs", type=int, default=200, help="5-member failure runs of each kind")
     args = ap.parse_args(argv)
     cfg = Config.lan()
     sizes = [100, 1000] + ([10_000] if args.full else [])
@@ -157,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     print("  period (failure detection); upd = extra datagrams and messages per member for one update, over")
     print("  its whole life (gossip rounds; piggybacked copies ride on probes); spread = protocol periods")
     print("  until the update reached every member (mean, max; rounds = gossip rounds); dead-all = seconds")
-    print("  from a crash until every member marked it dead.")
-    if args.detect_runs:
+    print("  from an agent crash (host up) until every member marked it dead.")
+    for fault, label in (("crash", "agent crashes, host up"), ("power_off", "silent hosts")):
+        if not args.detect_runs:
+            break
         t0 = time.monotonic()
-        d = detection_5(args.seed, args.detect_runs)
-        print(f"T1 (simulated LAN, 5 members, {len(d)} crashes): dead on every member p50 {pct(d, 50):.2f} s, "
+        d = detection_5(args.seed, args.detect_runs, fault)
+        print(f"T1 (simulated LAN, 5 members, {len(d)} {label}): dead on every member p50 {pct(d, 50):.2f} s, "
               f"p99 {pct(d, 99):.2f} s, min {min(d):.2f} s (memberlist measured: p50 5.8 s, p99 7.8 s -> "
               f"x{5.8 / pct(d, 50):.1f} / x{7.8 / pct(d, 99):.1f}); wall {time.monotonic() - t0:.1f} s")
     return 0

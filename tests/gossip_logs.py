@@ -6,7 +6,8 @@ but every change it sees is logged by the gossip shell (`agent/gossip.py` `_deli
     timestamp=2026-11-25T12:35:09.149261Z level=warning event=gossip.member_dead node=h2 name=h3 incarnation=0 ...
 
 `member_events(text)` parses those lines, `views(cluster)` folds them into each agent's
-current view: observer -> member -> (state, incarnation). An agent does not log itself,
+current view: observer -> member -> (state, incarnation). `core_events(text, "swim.x")`
+finds the SWIM core's own events (`event=swim.agent_gone node=h2 member=h4 ...`). An agent does not log itself,
 and a restarted agent's log restarts at the harness's `--- HH:MM:SS starting agent` line.
 Used by tests/test_netns_gossip.py and bench/gossip_detect.py; nothing in the product.
 """
@@ -23,6 +24,8 @@ _LINE = re.compile(
     r"name=(?P<name>\S+) incarnation=(?P<inc>\d+)"
 )
 _DROP = re.compile(r"^timestamp=(?P<ts>\S+) level=\w+ event=gossip\.packet_dropped .*?reason=(?P<reason>\w+)")
+_CORE = re.compile(r"^timestamp=(?P<ts>\S+) level=\w+ event=(?P<event>swim\.\w+) (?P<rest>.*)$")
+_FIELD = re.compile(r"(\w+)=(\S+)")
 START_MARK = "--- "
 
 
@@ -50,6 +53,12 @@ def member_events(text: str) -> list[MemberEvent]:
 def drops(text: str) -> list[tuple[float, str]]:
     """(time, reason) of every `gossip.packet_dropped` warning in the log text."""
     return [(_unix(m["ts"]), m["reason"]) for line in text.splitlines() if (m := _DROP.match(line))]
+
+
+def core_events(text: str, event: str) -> list[tuple[float, dict[str, str]]]:
+    """(time, key=value fields) of every `event` (e.g. "swim.agent_gone") in the log text."""
+    return [(_unix(m["ts"]), dict(_FIELD.findall(m["rest"])))
+            for line in text.splitlines() if (m := _CORE.match(line)) and m["event"] == event]
 
 
 def current_run(text: str) -> str:

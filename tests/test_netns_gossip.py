@@ -292,6 +292,7 @@ def test_killed_agent_is_declared_dead_by_all_then_rejoins(cluster: NetnsCluster
     old_inc = server_states(cluster)[name][1]
     others = [h for h in cluster.hosts if h.name != name]
     killed = time.monotonic()
+    killed_at = time.time()
     cluster.kill9(name)
     wait_until(lambda: server_states(cluster)[name][0] == "dead", DEAD_DEADLINE, interval=0.1,
                what=f"the server to mark {name} dead")
@@ -300,7 +301,14 @@ def test_killed_agent_is_declared_dead_by_all_then_rejoins(cluster: NetnsCluster
     wait_until(lambda: all(gossip_logs.views(cluster, others)[h.name].get(name, ("?", 0))[0] == "dead" for h in others),
                DEAD_DEADLINE, interval=0.1, what=f"every member to mark {name} dead")
     assert member_dead_events(cluster, name) >= 1
-    print(f"\n{name} dead in the server's view {server_seconds:.2f} s after kill -9")
+    # Its host is up and refuses connections to the dead agent's gossip port: the probers
+    # are told the agent is gone rather than waiting out a silence.
+    refused = {h.name for h in others if any(
+        f.get("member") == name and t >= killed_at
+        for t, f in gossip_logs.core_events(cluster.log(h), "swim.agent_gone"))}
+    assert refused, f"no member was refused by {name}'s host"
+    print(f"\n{name} dead in the server's view {server_seconds:.2f} s after kill -9 "
+          f"(refused by {sorted(refused)})")
 
     cluster.restart(name)  # waits until the server has seen the new agent connect
 
@@ -312,3 +320,30 @@ def test_killed_agent_is_declared_dead_by_all_then_rejoins(cluster: NetnsCluster
 
     wait_until(back, 30.0, interval=0.2, what=f"{name} alive again at an incarnation above {old_inc} everywhere")
     wait_all_alive(cluster)
+
+
+def test_silent_host_is_declared_dead_by_all_then_comes_back(cluster: NetnsCluster) -> None:
+    """h5's link goes down (its veth in the switch namespace): nothing of it answers, not
+    even a refusal, so the others go by silence alone. Its agent keeps running and takes
+    the others for dead; once the link is back, the sides find each other again (gossip
+    to the dead, reconnecting push-pull) and h5 refutes at a higher incarnation."""
+    wait_all_alive(cluster)
+    name = "h5"
+    others = [h for h in cluster.hosts if h.name != name]
+    old_inc = server_states(cluster)[name][1]
+    since = time.time()
+    subprocess.run(["ip", "-n", cluster.switch, "link", "set", name, "down"], check=True, timeout=15)
+    try:
+        wait_until(lambda: all(gossip_logs.views(cluster, others)[h.name].get(name, ("?", 0))[0] == "dead"
+                               for h in others),
+                   DEAD_DEADLINE, interval=0.1, what=f"every member to mark {name} dead")
+        took = time.time() - since
+    finally:
+        subprocess.run(["ip", "-n", cluster.switch, "link", "set", name, "up"], check=True, timeout=15)
+    refused = [f for h in others for t, f in gossip_logs.core_events(cluster.log(h), "swim.agent_gone")
+               if t >= since and f.get("member") == name]
+    assert not refused, f"a silent host cannot refuse anything: {refused}"
+    print(f"\n{name} dead everywhere {took:.2f} s after its link went down")
+    # Push-pull with a dead member every reconnect_interval (10 s) is the slowest way back.
+    wait_all_alive(cluster, timeout=45.0)
+    assert server_states(cluster)[name][1] > old_inc

@@ -16,7 +16,9 @@ import pytest
 from shoal.agent.swim.config import Config, silence_tolerance
 from shoal.agent.swim.member import State
 from shoal.agent.swim.node import EventKind, MemberEvent
+from shoal.agent.swim.reach import Reach
 from shoal.agent.swim.sim import DeathRecorder, FalseDeadChecker, Network, Sim, SimNode, Status
+from shoal.agent.swim.suspicion import suspicion_timeout
 
 
 def _seeds(default: int) -> list[int]:
@@ -46,6 +48,17 @@ def replay(seed: int) -> str:
     return f"seed={seed} (replay: SHOAL_SIM_SEED={seed})"
 
 
+def suspicions_of(sim: Sim, member: str) -> list[float]:
+    """A list the sim fills with the time of every SUSPECT event about `member`, anywhere."""
+    times: list[float] = []
+
+    def watch(s: Sim, _node: SimNode, events: tuple[MemberEvent, ...]) -> None:
+        times.extend(s.now for e in events if e.kind is EventKind.SUSPECT and e.member.name == member)
+
+    sim.observers.append(watch)
+    return times
+
+
 @seeds(3)
 def test_hundred_members_converge_from_one_seed_join(seed: int) -> None:
     sim = Sim(seed=seed)
@@ -63,34 +76,78 @@ def test_hundred_members_converge_from_one_seed_join(seed: int) -> None:
     assert checker.count() == 0, f"{replay(seed)}: {checker.found[:3]}"
 
 
-@seeds()
-def test_killed_member_is_declared_dead_by_all_and_the_death_spreads(seed: int) -> None:
-    sim, checker = cluster(seed, 8)
+def _detect(seed: int, fault: str, n: int = 8) -> tuple[Sim, float, float]:
+    """Run `fault` ("crash": the agent is killed, its host refuses connections; "power_off":
+    the host goes silent) on n3 at a random moment. Returns the sim, the time until every
+    other member has declared it dead, and the time from its first suspicion to that."""
+    sim, checker = cluster(seed, n)
     deaths = DeathRecorder()
     sim.observers.append(deaths)
+    suspected = suspicions_of(sim, "n3")
     sim.run_for(random.Random(seed).uniform(0, 2))
     killed_at = sim.now
-    sim.crash("n5")
+    getattr(sim, fault)("n3")
     others = {n.name for n in sim.running()}
-    assert sim.run_until_true(lambda: set(deaths.seen_by("n5")) == others, timeout=20, step=0.05), replay(seed)
-    latency = max(deaths.seen_by("n5").values()) - killed_at
-    tolerance = silence_tolerance(sim.config, 8)
-    assert tolerance <= latency < tolerance + 2.5, f"{replay(seed)}: detected by all after {latency:.2f} s"
+    assert sim.run_until_true(lambda: set(deaths.seen_by("n3")) == others, timeout=20, step=0.05), replay(seed)
+    all_dead = max(deaths.seen_by("n3").values())
     sim.run_for(5)
     for node in sim.running():
-        assert sim.view(node.name)["n5"] is State.DEAD, replay(seed)
+        assert sim.view(node.name)["n3"] is State.DEAD, replay(seed)
+    assert checker.count() == 0, f"{replay(seed)}: {checker.found[:3]}"
+    return sim, all_dead - killed_at, all_dead - min(suspected)
+
+
+@seeds()
+def test_silent_host_is_declared_dead_by_all_after_the_silence_tolerance(seed: int) -> None:
+    sim, latency, _ = _detect(seed, "power_off")
+    tolerance = silence_tolerance(sim.config, 8)
+    assert tolerance <= latency < tolerance + 2.5, f"{replay(seed)}: detected by all after {latency:.2f} s"
+    assert sim.stats.checks[Reach.REFUSED] == 0, replay(seed)
+
+
+@seeds()
+def test_crashed_agent_on_a_live_host_is_declared_dead_by_all_soon_after_the_first_refusal(seed: int) -> None:
+    # Its host refuses the prober's connection: the short refused suspicion, not the
+    # Lifeguard timer. Never faster than a probe timeout plus that suspicion (the time
+    # a running agent behind a rejecting firewall gets to refute); the suspicion reaches
+    # everyone before the death does, so they all take the death at once.
+    sim, latency, suspected = _detect(seed, "crash")
+    cfg = sim.config
+    assert cfg.probe_timeout + cfg.refused_suspicion_timeout <= latency, f"{replay(seed)}: {latency:.2f} s"
+    # Nobody waits for a Lifeguard timer: the others take the death as it reaches them,
+    # and one that the gossip misses has probed the suspect (first in line once it heard
+    # the suspicion) and been refused itself.
+    assert suspected < suspicion_timeout(cfg.suspicion_mult, 8, cfg.probe_interval), (
+        f"{replay(seed)}: dead everywhere {suspected:.2f} s after the first suspicion"
+    )
+    assert sim.stats.checks[Reach.REFUSED] > 0, replay(seed)
+
+
+@seeds()
+def test_agent_restarted_at_once_comes_back_alive_everywhere(seed: int) -> None:
+    # Refusals about the old life race the new life's join; whichever wins, the new life
+    # ends up alive everywhere and is never declared dead (a restart nobody noticed keeps
+    # incarnation 0; one that was suspected or declared dead refutes above it).
+    sim, checker = cluster(seed, 6)
+    rng = random.Random(f"restart:{seed}")
+    for _ in range(3):
+        sim.run_for(rng.uniform(0.5, 3))
+        sim.crash("n3")
+        before = sim.nodes["n3"].prior_incarnation
+        sim.run_for(rng.uniform(0.0, 0.8))
+        sim.restart("n3", join=["n0"])
+        agreed = sim.run_until_true(lambda: not sim.disagreements(), timeout=20, step=0.1)
+        assert agreed, f"{replay(seed)}: {sim.disagreements()}"
+        assert sim.nodes["n3"].swim.local.incarnation >= before, replay(seed)
+    sim.run_for(5)
+    assert not sim.disagreements(), replay(seed)
     assert checker.count() == 0, f"{replay(seed)}: {checker.found[:3]}"
 
 
 @seeds()
 def test_suspected_live_member_refutes(seed: int) -> None:
     sim, checker = cluster(seed, 8)
-    suspected: list[str] = []
-
-    def watch(_sim: Sim, node: SimNode, events: tuple[MemberEvent, ...]) -> None:
-        suspected.extend(node.name for e in events if e.kind is EventKind.SUSPECT and e.member.name == "n3")
-
-    sim.observers.append(watch)
+    suspected = suspicions_of(sim, "n3")
     # Everything sent to n3 is lost for a while: its probers time out and suspect it.
     for other in sim.nodes:
         if other != "n3":
@@ -142,18 +199,56 @@ def test_no_false_dead_under_20_percent_loss_for_200_periods(seed: int) -> None:
     assert sim.disagreements() == [], replay(seed)
 
 
-@pytest.mark.parametrize("intervals", [3.0, 3.75], ids=lambda k: f"pause={k:g}x")
-@seeds()
-def test_paused_member_is_not_declared_dead(seed: int, intervals: float) -> None:
-    # 3 probe intervals (1.2 s), and 1.5 s (the brief's T2 pause).
+@pytest.mark.parametrize(
+    ("intervals", "loss"), [(3.0, 0.0), (3.75, 0.0), (3.75, 0.1), (3.75, 0.2)],
+    ids=lambda v: f"pause={v:g}x" if v > 1 else f"loss={v:.0%}",
+)
+@seeds(5)
+def test_paused_member_is_not_declared_dead(seed: int, intervals: float, loss: float) -> None:
+    # 3 probe intervals (0.9 s), and 1.5 s (the brief's T2 pause); under loss, a lost
+    # reachability check leaves only the silence tolerance to protect it.
     sim, checker = cluster(seed, 8)
+    sim.set_loss(loss)
     rng = random.Random(seed)
     for _ in range(5):
         sim.run_for(rng.uniform(2, 6))
         sim.pause("n4", intervals * sim.config.probe_interval)
+    sim.set_loss(0.0)
     sim.run_for(15)
     assert checker.count() == 0, f"{replay(seed)}: {checker.found[:3]}"
     assert all(sim.view(n.name)["n4"] is State.ALIVE for n in sim.running()), replay(seed)
+
+
+@seeds()
+def test_a_pause_longer_than_the_silence_tolerance_raises_no_suspicion_while_its_host_answers(seed: int) -> None:
+    sim, checker = cluster(seed, 8)
+    suspected = suspicions_of(sim, "n4")
+    rng = random.Random(seed)
+    cfg = sim.config
+    for _ in range(3):
+        # Up to host_up_patience minus the probe that notices it and the one that ends it.
+        pause = rng.uniform(silence_tolerance(cfg, 8), cfg.host_up_patience - 2 * cfg.probe_interval)
+        sim.pause("n4", pause)
+        sim.run_for(pause + rng.uniform(2, 6))
+    assert suspected == [], f"{replay(seed)}: n4 suspected at {suspected}"
+    assert checker.count() == 0, f"{replay(seed)}: {checker.found[:3]}"
+    assert sim.stats.checks[Reach.ACCEPTED] > 0, replay(seed)
+
+
+@seeds(5)
+def test_a_wedged_agent_whose_host_still_accepts_is_declared_dead_after_the_patience(seed: int) -> None:
+    sim, _ = cluster(seed, 6)
+    deaths = DeathRecorder()
+    sim.observers.append(deaths)
+    sim.run_for(random.Random(seed).uniform(0, 2))
+    wedged_at = sim.now
+    sim.pause("n2", 120.0)
+    others = {n.name for n in sim.running()} - {"n2"}
+    assert sim.run_until_true(lambda: set(deaths.seen_by("n2")) == others, timeout=30, step=0.1), replay(seed)
+    latency = max(deaths.seen_by("n2").values()) - wedged_at
+    cfg = sim.config
+    low = cfg.host_up_patience + silence_tolerance(cfg, 6)
+    assert low - cfg.probe_interval <= latency < low + 3.0, f"{replay(seed)}: dead everywhere after {latency:.2f} s"
 
 
 @seeds()

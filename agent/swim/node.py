@@ -15,6 +15,13 @@ Rules:
   random members to `PingReq` the target; they relay its `Ack` or send a `Nack` after
   their own timeout. Without any ack by the end of the interval, the target becomes
   SUSPECT (`suspicion.py`), and DEAD when the suspicion times out unrefuted.
+- Reachability (`reach.py`): when the direct ping times out, the shell is also asked to
+  connect to the target's gossip port (`Ready.checks`). A refusal (the agent is gone,
+  its host is up) suspects the target at once with `refused_suspicion_timeout`; a
+  completed handshake (the host is up, the agent slow or stopped) excuses the missed
+  probe — no suspicion, no confirmation — and probes it again like a suspect, until an
+  ack (or a ping from it) ends the excuse or `host_up_patience` has passed since the
+  first one; no answer changes nothing.
 - Claims obey incarnations: a claim about an older incarnation is ignored; ALIVE needs a
   strictly higher incarnation to override anything; SUSPECT or DEAD at the same or a
   higher incarnation override ALIVE. A member refutes claims about itself by raising its
@@ -82,6 +89,7 @@ from shoal.agent.swim.messages import (
     Suspect,
     approx_size,
 )
+from shoal.agent.swim.reach import VERDICTS, Reach, ReachCheck, Verdict
 from shoal.agent.swim.suspicion import Suspicion, expected_confirmations, suspicion_timeout
 from shoal.errors import ConfigError
 
@@ -150,17 +158,21 @@ class Ready:
     2. Hand every datagram in `packets` to the UDP transport, in order (loss is fine).
     3. Open a stream for every `PushPullRequest` in `streams` and answer on the pending
        connection for every `PushPullResponse`; feed what comes back to `step`.
-    4. Deliver `events` to subscribers, in order, after the packets are handed over, so
+    4. Start every reachability check in `checks` (a TCP connect to its address, closed
+       at once) and report each outcome with `Swim.reachability` when it is known, within
+       the check's timeout; a check that cannot be made may go unreported.
+    5. Deliver `events` to subscribers, in order, after the packets are handed over, so
        a subscriber that reacts (e.g. reads `members()`) never races the gossip that
        announces the same change.
     """
 
     packets: tuple[Outbound, ...] = ()
     streams: tuple[Stream, ...] = ()
+    checks: tuple[ReachCheck, ...] = ()
     events: tuple[MemberEvent, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.packets or self.streams or self.events)
+        return bool(self.packets or self.streams or self.checks or self.events)
 
 
 class Logger(Protocol):
@@ -189,7 +201,9 @@ class NullLogger:
 class _Probe:
     """The probe in flight: one per member at a time."""
 
-    __slots__ = ("target", "seq", "start", "timeout_at", "end_at", "indirect", "expected_nacks", "nacks")
+    __slots__ = (
+        "target", "seq", "start", "timeout_at", "end_at", "indirect", "expected_nacks", "nacks", "host_up",
+    )
 
     def __init__(self, target: str, seq: int, start: float, timeout_at: float, end_at: float) -> None:
         self.target = target
@@ -200,6 +214,7 @@ class _Probe:
         self.indirect = False
         self.expected_nacks = 0
         self.nacks = 0
+        self.host_up = False  # the target's host accepted this probe's reachability check
 
 
 class _Relay:
@@ -268,6 +283,7 @@ class Swim:
         self._left = False
         self._joining = False  # a join push-pull is out and no answer came yet
         self._synced: dict[str, float] = {}  # stranger -> when we last synced with it
+        self._excused: dict[str, float] = {}  # member -> first missed probe excused (host up)
 
         self._now = now
         # Stagger the first probe and sync so members started together do not beat in step.
@@ -281,6 +297,7 @@ class Swim:
         self._packets: dict[Address, list[list[Message]]] = {}
         self._packet_room: dict[Address, int] = {}
         self._streams: list[Stream] = []
+        self._checks: list[ReachCheck] = []
         self._events: list[MemberEvent] = []
         self._due: float = self.next_deadline()
 
@@ -347,21 +364,46 @@ class Swim:
 
     def ready(self) -> Ready:
         """Take what the shell must do now (see `Ready` for the order); clears it."""
-        if not (self._packets or self._streams or self._events):
+        if not (self._packets or self._streams or self._checks or self._events):
             return _EMPTY
         packets = tuple(
             Outbound(dest=dest, messages=tuple(msgs)) for dest, lst in self._packets.items() for msgs in lst
         )
-        ready = Ready(packets=packets, streams=tuple(self._streams), events=tuple(self._events))
+        ready = Ready(
+            packets=packets, streams=tuple(self._streams), checks=tuple(self._checks), events=tuple(self._events)
+        )
         self._packets = {}
         self._packet_room = {}
         self._streams = []
+        self._checks = []
         self._events = []
         return ready
 
     def has_ready(self) -> bool:
         """True when `ready()` would return something."""
-        return bool(self._packets or self._streams or self._events)
+        return bool(self._packets or self._streams or self._checks or self._events)
+
+    def reachability(self, check: ReachCheck, outcome: Reach, now: float) -> None:
+        """Take the outcome of a check from `Ready.checks` (see `reach.py`).
+
+        It counts only while the member is live at the incarnation and address the check
+        was about: a late refusal about an agent that has since restarted and announced a
+        higher incarnation is evidence about its previous life, and changes nothing.
+        """
+        self._clock(now)
+        m = self._members.get(check.name)
+        if (
+            m is not None and m.live and not self._left
+            and m.incarnation == check.incarnation and m.address == check.address
+        ):
+            verdict = VERDICTS[outcome]
+            if verdict is Verdict.AGENT_GONE:
+                self._agent_gone(m, now)
+            elif verdict is Verdict.HOST_UP:
+                p = self._probe
+                if p is not None and p.seq == check.seq:
+                    p.host_up = True
+        self._after(now)
 
     def next_deadline(self) -> float:
         """The local time at which `tick` must be called next."""
@@ -433,6 +475,8 @@ class Swim:
             relay.deadline += delta
         for s in self._suspicions.values():
             s.shift(delta)
+        for name in self._excused:
+            self._excused[name] += delta
         if self._next_gossip is not None:
             self._next_gossip += delta
         self._next_push_pull += delta
@@ -486,6 +530,7 @@ class Swim:
                 del self._members[name]
                 self._urgent.pop(name, None)
                 self._reprobe.pop(name, None)
+                self._excused.pop(name, None)
                 pos = self._probe_order.index(name)
                 del self._probe_order[pos]
                 if pos < self._probe_idx:
@@ -533,20 +578,23 @@ class Swim:
         # suspect is probed every interval (each probe carries the suspicion to it and
         # its refutation back in the ack); several suspects share every other probe, so
         # a partition that makes many members suspect cannot starve the round robin.
+        # Members whose missed probe was excused (host up) are probed again the same way:
+        # the first ack ends the excuse, and a wedged agent runs out of patience on time
+        # even where the round robin would not come back to it for minutes.
         while self._urgent:
             name = next(iter(self._urgent))
             del self._urgent[name]
             m = self._members.get(name)
             if m is not None and m.state is State.SUSPECT:
                 return m
-        if self._last_reprobe and len(self._suspicions) > 1:
+        if self._last_reprobe and len(self._suspicions) + len(self._excused) > 1:
             self._last_reprobe = False
         else:
             while self._reprobe:
                 name = next(iter(self._reprobe))
                 del self._reprobe[name]
                 m = self._members.get(name)
-                if m is not None and m.state is State.SUSPECT:
+                if m is not None and (m.state is State.SUSPECT or m.live and name in self._excused):
                     self._last_reprobe = True
                     return m
         order = self._probe_order
@@ -568,7 +616,15 @@ class Swim:
     def _indirect(self, p: _Probe) -> None:
         p.indirect = True
         target = self._members.get(p.target)
-        if target is None or self.config.indirect_checks == 0:
+        if target is None:
+            return
+        if self.config.reachability_checks:
+            # Answered within the rest of the probe, so the verdict is in when it ends.
+            self._checks.append(ReachCheck(
+                seq=p.seq, name=target.name, incarnation=target.incarnation, address=target.address,
+                timeout=max(0.0, p.end_at - self._now),
+            ))
+        if self.config.indirect_checks == 0:
             return
         helpers = self._random_members(
             self.config.indirect_checks,
@@ -590,8 +646,27 @@ class Swim:
         m = self._members.get(p.target)
         if m is None or not m.live:
             return
+        if p.host_up:
+            # Its host is up and its agent's socket open: slow or stopped, not gone.
+            first = self._excused.setdefault(m.name, now)
+            if now - first < self.config.host_up_patience:
+                self._log.debug("swim.probe_excused", member=m.name, since=round(now - first, 3))
+                self._reprobe[m.name] = None
+                return
+            self._log.info("swim.patience_exhausted", member=m.name, seconds=round(now - first, 3))
         self._log.info("swim.probe_failed", member=p.target, incarnation=m.incarnation)
         self._on_suspect(Suspect(name=m.name, incarnation=m.incarnation, accuser=self.name), now)
+
+    def _agent_gone(self, m: Member, now: float) -> None:
+        """Its host refused a connection to its gossip port: nothing listens, it is gone."""
+        suspect = Suspect(name=m.name, incarnation=m.incarnation, accuser=self.name)
+        self._on_suspect(suspect, now)
+        # Straight to it as well: lost if it is gone, and if it runs after all (a firewall
+        # rejecting TCP on the gossip port), its refutation starts now, not a round later.
+        self._send(m.address, suspect)
+        suspicion = self._suspicions.get(m.name)
+        if suspicion is not None and suspicion.limit(now + self.config.refused_suspicion_timeout):
+            self._log.info("swim.agent_gone", member=m.name, incarnation=m.incarnation)
 
     # ------------------------------------------------------------------ message handling
 
@@ -605,6 +680,7 @@ class Swim:
         elif isinstance(msg, Ping):
             if msg.target == self.name:
                 self._send(src, Ack(seq=msg.seq))
+                self._excused.pop(msg.source, None)  # it runs: a later excuse starts afresh
                 if msg.source and msg.source != self.name:
                     self._check_stranger(msg.source, src, now)
             else:
@@ -660,6 +736,7 @@ class Swim:
         p = self._probe
         if p is not None and p.seq == seq:
             self._awareness.apply_delta(-1)
+            self._excused.pop(p.target, None)
             self._probe = None
             return
         relay = self._relays.pop(seq, None)
@@ -692,6 +769,7 @@ class Swim:
             return
         if a.incarnation <= cur.incarnation:
             return
+        self._excused.pop(a.name, None)  # it runs again: a new excuse starts afresh
         check_transition(cur.state, State.ALIVE)
         m = replace(
             cur, address=a.address, incarnation=a.incarnation, state=State.ALIVE, meta=a.meta,
@@ -772,6 +850,7 @@ class Swim:
         self._suspicions.pop(d.name, None)
         self._urgent.pop(d.name, None)
         self._reprobe.pop(d.name, None)
+        self._excused.pop(d.name, None)
         self._tombstones[d.name] = None
         self._live -= 1
         if self._probe is not None and self._probe.target == d.name:

@@ -17,6 +17,12 @@ Rules:
 - A crashed member stops for good; a restart is a new life (new `Swim`, incarnation 0)
   with the same name and address, which rejoins through seeds. Joins are retried with
   back-off (1 s, doubling, at most 30 s) until a seed answered, as the shell does.
+- Reachability checks (`Ready.checks`, a TCP connect to the target's gossip port) see
+  the target's host, not its process: a crashed agent (`crash`, kill -9) or one gone
+  after leaving is on a host that is up, which refuses; a running or paused agent's host
+  accepts (a stopped process's listening socket still completes handshakes); a host that
+  is off (`power_off`), cut off, unknown, or whose SYN or answer is lost (datagram loss,
+  drawn once each way) gives no answer, reported when the check's timeout runs out.
 - `add_converged` starts members that already know each other, for large groups.
 - Observers run after every step that produced events and see those events; the
   `FalseDeadChecker` counts DEAD or LEAVE declarations about members that are running.
@@ -39,6 +45,7 @@ from shoal.agent.swim.config import Config
 from shoal.agent.swim.member import Address, Member, Meta, State, make_meta
 from shoal.agent.swim.messages import Compound, Message, PushPull
 from shoal.agent.swim.node import EventKind, MemberEvent, Swim
+from shoal.agent.swim.reach import Reach, ReachCheck
 
 __all__ = [
     "Network",
@@ -56,6 +63,7 @@ _TICK = 0
 _PACKET = 1
 _STREAM = 2
 _CALL = 3
+_CHECK = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +94,7 @@ class SimNode:
 
     __slots__ = (
         "name", "address", "meta", "swim", "status", "stopped", "tick_at", "backlog",
-        "group", "life", "prior_incarnation",
+        "group", "life", "prior_incarnation", "host_up",
     )
 
     def __init__(self, name: str, address: Address, meta: Meta, swim: Swim) -> None:
@@ -101,6 +109,7 @@ class SimNode:
         self.group = 0
         self.life = 0
         self.prior_incarnation = -1  # highest incarnation of any earlier life
+        self.host_up = True  # its kernel answers TCP (refuses when the agent is stopped)
 
     @property
     def running(self) -> bool:
@@ -118,6 +127,7 @@ class Stats:
     dropped: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     packets_by_node: dict[str, int] = field(default_factory=dict)
+    checks: dict[Reach, int] = field(default_factory=lambda: dict.fromkeys(Reach, 0))
 
     def per_member_per_period(self, members: int, seconds: float, period: float) -> float:
         """Datagrams each member sent per protocol period, on average."""
@@ -128,7 +138,7 @@ class Stats:
         return Stats(
             packets=self.packets, messages=self.messages, streams=self.streams,
             dropped=self.dropped, by_kind=dict(self.by_kind),
-            packets_by_node=dict(self.packets_by_node),
+            packets_by_node=dict(self.packets_by_node), checks=dict(self.checks),
         )
 
     def since(self, earlier: Stats) -> Stats:
@@ -142,6 +152,7 @@ class Stats:
             packets_by_node={
                 k: v - earlier.packets_by_node.get(k, 0) for k, v in self.packets_by_node.items()
             },
+            checks={k: v - earlier.checks.get(k, 0) for k, v in self.checks.items()},
         )
 
 
@@ -304,12 +315,18 @@ class Sim:
     # ------------------------------------------------------------------ faults
 
     def crash(self, name: str) -> None:
-        """Stop a member for good (kill -9, power off)."""
+        """Stop a member's agent for good (kill -9, a crash): its host stays up and
+        refuses connections to the gossip port."""
         node = self.nodes[name]
         node.status = Status.CRASHED
         node.stopped = True
         node.backlog.clear()
         node.prior_incarnation = max(node.prior_incarnation, node.swim.local.incarnation)
+
+    def power_off(self, name: str) -> None:
+        """Stop a member's whole host (power off, link down): nothing answers at all."""
+        self.crash(name)
+        self.nodes[name].host_up = False
 
     def restart(self, name: str, *, join: Sequence[str] = ()) -> None:
         """Start a new life of a crashed or departed member (same name and address)."""
@@ -319,6 +336,7 @@ class Sim:
         node.swim = self._new_swim(name, node.address, node.meta, node.life)
         node.status = Status.RUNNING
         node.stopped = False
+        node.host_up = True
         node.backlog.clear()
         node.tick_at = float("inf")
         if join:
@@ -480,6 +498,9 @@ class Sim:
         if kind == _PACKET:
             msgs: tuple[Message, ...] = payload  # type: ignore[assignment]
             node.swim.step(src, msgs[0] if len(msgs) == 1 else Compound(messages=msgs), self.now)
+        elif kind == _CHECK:
+            check, outcome = payload  # type: ignore[misc]
+            node.swim.reachability(check, outcome, self.now)
         else:
             msg: PushPull = payload  # type: ignore[assignment]
             node.swim.step(src, msg, self.now)
@@ -496,10 +517,29 @@ class Sim:
                 dst = self._by_addr.get(s.dest)
                 if dst is not None and self._passes(node, dst):
                     self._push(self.now + self.network.stream_delay, _STREAM, dst.name, s.message, node.address)
+            for c in ready.checks:
+                self._route_check(node, c)
             if ready.events:
                 for obs in self.observers:
                     obs(self, node, ready.events)
         self._schedule_tick(node)
+
+    def _route_check(self, node: SimNode, check: ReachCheck) -> None:
+        """Answer a TCP connect as the target's host would (see the module rules)."""
+        net = self.network
+        dst = self._by_addr.get(check.address)
+        outcome = Reach.NO_ANSWER
+        rtt = 0.0
+        if dst is not None and dst.host_up and self._passes(node, dst) and self._passes(dst, node):
+            there = self._link_loss.get((node.name, dst.name), net.loss)
+            back = self._link_loss.get((dst.name, node.name), net.loss)
+            lost = (there and self.rng.random() < there) or (back and self.rng.random() < back)
+            if not lost:
+                outcome = Reach.REFUSED if dst.stopped else Reach.ACCEPTED
+                rtt = 2 * net.delay + self.rng.random() * net.jitter
+        self.stats.checks[outcome] += 1
+        at = self.now + (check.timeout if outcome is Reach.NO_ANSWER else rtt)
+        self._push(at, _CHECK, node.name, (check, outcome), dst.address if dst is not None else check.address)
 
     def _schedule_tick(self, node: SimNode) -> None:
         nd = node.swim.next_deadline()

@@ -18,6 +18,9 @@ Rules:
       max = suspicion_max_timeout_mult * min
 
 - Only the first k distinct confirmations count; repeats and the suspect itself do not.
+- Positive evidence of death (the suspect's host refused a connection: nothing listens
+  on its gossip port, see `reach.py`) caps the timer at a short, fixed deadline; the
+  cap only ever moves the deadline earlier.
 
 How it works: `Suspicion` is a small record (start, accusers, bounds); `deadline()` is
 recomputed from the formula whenever a confirmation arrives, so the shell-facing core
@@ -70,7 +73,7 @@ def expected_confirmations(k: int, n: int) -> int:
 class Suspicion:
     """One running suspicion timer about one member."""
 
-    __slots__ = ("start", "k", "min_timeout", "max_timeout", "_accusers", "_confirmations")
+    __slots__ = ("start", "k", "min_timeout", "max_timeout", "cap", "_accusers", "_confirmations")
 
     def __init__(
         self, *, accuser: str, k: int, min_timeout: float, max_timeout: float, start: float
@@ -79,6 +82,7 @@ class Suspicion:
         self.k = k
         self.min_timeout = min_timeout
         self.max_timeout = max(max_timeout, min_timeout)
+        self.cap: float | None = None  # a deadline set by positive evidence, if any
         self._accusers = {accuser}
         self._confirmations = 0
 
@@ -101,10 +105,20 @@ class Suspicion:
 
     def deadline(self) -> float:
         """The local time at which the member is declared dead."""
-        return self.start + remaining_suspicion_time(
+        t = self.start + remaining_suspicion_time(
             self._confirmations, self.k, 0.0, self.min_timeout, self.max_timeout
         )
+        return t if self.cap is None else min(t, self.cap)
+
+    def limit(self, deadline: float) -> bool:
+        """Declare the member dead no later than `deadline`; True if that moved the timer."""
+        if deadline >= self.deadline():
+            return False
+        self.cap = deadline
+        return True
 
     def shift(self, delta: float) -> None:
         """Push the timer back by `delta` seconds (the local agent was not running)."""
         self.start += delta
+        if self.cap is not None:
+            self.cap += delta
