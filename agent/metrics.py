@@ -12,7 +12,7 @@ Rules:
 What is exported:
 - node: CPU, memory, disk (the data directory's filesystem), network bytes (psutil);
 - proxy, per service: connections per endpoint, active connections, bytes in and out,
-  errors by kind, retries (a connection replayed to another endpoint), time to the
+  errors by kind, retries (a connection replayed to another endpoint), ejections, time to the
   endpoint's first byte, and the balancing table's version;
 - replicas this agent runs, by state; on servers, Raft term, commit and applied index
   and whether this server leads; gossip members by state.
@@ -60,9 +60,12 @@ class AgentMetrics:
         self.proxy_errors = Counter(
             "shoal_proxy_errors", "Proxy failures by kind: connect (endpoint refused or timed out), "
             "dropped (endpoint closed before answering), no_endpoint (nobody answered), limit (too many "
-            "connections).", ["service", "kind"], registry=r)
+            "connections), retry_budget (a retry refused under overload).", ["service", "kind"], registry=r)
         self.proxy_retries = Counter(
             "shoal_proxy_retries", "Connections replayed to another endpoint after one failed.", ["service"], registry=r)
+        self.proxy_ejections = Counter(
+            "shoal_proxy_ejections", "Endpoints taken out of rotation after repeated failures.", ["service"],
+            registry=r)
         self.proxy_first_byte = Histogram(
             "shoal_proxy_first_byte_seconds", "Time from a client's connection to its endpoint's first byte.",
             ["service"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -93,7 +96,9 @@ class AgentMetrics:
         for direction in ("in", "out"):
             with contextlib.suppress(KeyError):
                 self.proxy_bytes.remove(service, direction)
-        for kind in ("connect", "dropped", "no_endpoint", "limit"):
+        with contextlib.suppress(KeyError):
+            self.proxy_ejections.remove(service)
+        for kind in ("connect", "dropped", "no_endpoint", "limit", "retry_budget"):
             with contextlib.suppress(KeyError):
                 self.proxy_errors.remove(service, kind)
 

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from shoal.agent.metrics import AgentMetrics
-from shoal.balancing import Endpoint, Picker, make_picker
+from shoal.balancing import Endpoint, OutlierEjector, Picker, RetryBudget, make_picker
 from shoal.model import Algorithm
 
 __all__ = ["ProxyConfig", "ServiceProxy", "Route"]
@@ -65,6 +65,8 @@ class Route:
     server: asyncio.AbstractServer | None = None
     active: int = 0
     served: dict[str, int] = field(default_factory=dict)  # endpoint → connections
+    ejector: OutlierEjector = field(default_factory=OutlierEjector)
+    budget: RetryBudget = field(default_factory=RetryBudget)
 
 
 class ServiceProxy:
@@ -129,6 +131,7 @@ class ServiceProxy:
             else:
                 gone = {e.replica_id for e in route.picker.endpoints} - {e.replica_id for e in endpoints}
                 route.picker.update(endpoints)
+                route.ejector.forget(e.replica_id for e in endpoints)
                 for rid in gone:
                     self.endpoint_down(rid)
         for port in list(self._failed_ports):
@@ -186,6 +189,7 @@ class ServiceProxy:
             writer.close()
             return
         route.active += 1
+        route.budget.request()
         started = time.monotonic()
         if m is not None:
             m.proxy_active.labels(route.service).inc()
@@ -218,6 +222,7 @@ class ServiceProxy:
                         # bytes go to another endpoint.
                         uw.close()
                         failed.add(ep.replica_id)
+                        self._failure(route, ep.replica_id)
                         if m is not None:
                             m.proxy_errors.labels(route.service, "dropped").inc()
                         if len(sent) > self.config.replay_limit:
@@ -225,6 +230,7 @@ class ServiceProxy:
                         continue
                     route.served[ep.replica_id] = route.served.get(ep.replica_id, 0) + 1
                     latency = time.monotonic() - connected
+                    route.ejector.record(ep.replica_id, True, time.monotonic(), len(route.picker.endpoints))
                     count_in = count_out = None
                     if m is not None:
                         m.proxy_connections.labels(route.service, ep.replica_id).inc()
@@ -323,7 +329,16 @@ class ServiceProxy:
     async def _connect(self, route: Route, failed: set[str],
                        key: bytes | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Endpoint] | None:
         while True:
-            ep = route.picker.pick(exclude=frozenset(failed), key=key)
+            if failed and not route.budget.try_retry():
+                # Retries are capped to a share of requests: under overload, a wave of
+                # retries would only add to the load that caused the failures.
+                if self._metrics is not None:
+                    self._metrics.proxy_errors.labels(route.service, "retry_budget").inc()
+                return None
+            ejected = route.ejector.ejected(time.monotonic())
+            ep = route.picker.pick(exclude=frozenset(failed) | ejected, key=key) if ejected else None
+            if ep is None:
+                ep = route.picker.pick(exclude=frozenset(failed), key=key)
             if ep is None:
                 if failed:
                     self._log.warning("proxy.no_endpoint_answered", service=route.service, tried=len(failed))
@@ -336,6 +351,7 @@ class ServiceProxy:
                 ur, uw = await asyncio.wait_for(asyncio.open_connection(ep.address, ep.port), self.config.connect_timeout)
             except (OSError, TimeoutError):
                 failed.add(ep.replica_id)
+                self._failure(route, ep.replica_id)
                 if self._metrics is not None:
                     self._metrics.proxy_errors.labels(route.service, "connect").inc()
                 continue
@@ -343,6 +359,15 @@ class ServiceProxy:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return ur, uw, ep
+
+
+    def _failure(self, route: Route, replica_id: str) -> None:
+        if route.ejector.record(replica_id, False, time.monotonic(), len(route.picker.endpoints)):
+            self._log.warning("proxy.endpoint_ejected", service=route.service, replica=replica_id)
+            self._on_event("Warning", "EndpointEjected", f"pod/{replica_id}",
+                           f"ejected from service {route.service} after repeated failed connections")
+            if self._metrics is not None:
+                self._metrics.proxy_ejections.labels(route.service).inc()
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, chunk: int,

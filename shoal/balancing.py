@@ -67,6 +67,9 @@ __all__ = [
     "LeastConn",
     "P2CEwma",
     "ConsistentHash",
+    "EjectionConfig",
+    "OutlierEjector",
+    "RetryBudget",
     "make_picker",
     "round_robin_slot",
 ]
@@ -460,3 +463,86 @@ def make_picker(
     if algorithm is Algorithm.CONSISTENT_HASH:
         return ConsistentHash(endpoints, rng)
     raise ValueError(f"no picker for balancing algorithm {algorithm!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EjectionConfig:
+    """When an endpoint that keeps failing is taken out of rotation, and for how long."""
+
+    consecutive_failures: int = 3
+    """Failed connections in a row (refused, timed out, closed before answering) that
+    eject an endpoint: one failure is noise, three in a row on a healthy network is not."""
+
+    base_seconds: float = 1.0
+    """First ejection; each further one of the same endpoint doubles it..."""
+
+    max_seconds: float = 30.0
+    """...up to this, so a flapping replica stays out longer each time."""
+
+    max_fraction: float = 0.5
+    """Never eject more than this share of a service's endpoints: when most of them fail,
+    the fault is likelier elsewhere (a network problem, an overload) and taking them all
+    out would turn trouble into an outage."""
+
+
+class OutlierEjector:
+    """Tracks failures per endpoint and says which are ejected now. Pure: the caller
+    passes the time."""
+
+    __slots__ = ("config", "_streak", "_until", "_times")
+
+    def __init__(self, config: EjectionConfig = EjectionConfig()) -> None:
+        self.config = config
+        self._streak: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+        self._times: dict[str, int] = {}
+
+    def ejected(self, now: float) -> frozenset[str]:
+        return frozenset(rid for rid, until in self._until.items() if until > now)
+
+    def record(self, replica_id: str, ok: bool, now: float, endpoints: int) -> bool:
+        """Record one connection's outcome; returns True if it ejected the endpoint."""
+        if ok:
+            self._streak.pop(replica_id, None)
+            return False
+        streak = self._streak.get(replica_id, 0) + 1
+        self._streak[replica_id] = streak
+        if streak < self.config.consecutive_failures or self._until.get(replica_id, 0.0) > now:
+            return False
+        if len(self.ejected(now)) + 1 > int(endpoints * self.config.max_fraction):
+            return False
+        times = self._times.get(replica_id, 0) + 1
+        self._times[replica_id] = times
+        seconds = min(self.config.max_seconds, self.config.base_seconds * 2 ** (times - 1))
+        self._until[replica_id] = now + seconds
+        self._streak[replica_id] = 0
+        return True
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop what is known of endpoints that left the table."""
+        ids = set(keep)
+        for d in (self._streak, self._until, self._times):
+            for rid in [r for r in d if r not in ids]:
+                del d[rid]
+
+
+class RetryBudget:
+    """Caps retries to a share of requests, so an overloaded service is not hit by a
+    wave of retries on top of its load: each request earns `ratio` of a retry, up to
+    `reserve`, and each retry spends one."""
+
+    __slots__ = ("ratio", "reserve", "_tokens")
+
+    def __init__(self, ratio: float = 0.2, reserve: float = 20.0) -> None:
+        self.ratio = ratio
+        self.reserve = reserve
+        self._tokens = reserve
+
+    def request(self) -> None:
+        self._tokens = min(self.reserve, self._tokens + self.ratio)
+
+    def try_retry(self) -> bool:
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

@@ -9,7 +9,10 @@ import pytest
 
 from shoal.balancing import (
     ConsistentHash,
+    EjectionConfig,
     Endpoint,
+    OutlierEjector,
+    RetryBudget,
     LeastConn,
     P2CEwma,
     Random,
@@ -271,6 +274,44 @@ def test_consistent_hash_moves_only_the_leaving_endpoints_keys() -> None:
     # An excluded endpoint's keys go to the next point on the ring, the rest stay.
     k = next(k for k in keys if after[k] == "r0")
     assert ch.pick(exclude=frozenset({"r0"}), key=k).replica_id != "r0"  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- outliers and retries
+
+
+def test_an_endpoint_failing_in_a_row_is_ejected_for_a_growing_time() -> None:
+    ej = OutlierEjector(EjectionConfig(consecutive_failures=3, base_seconds=1.0, max_seconds=4.0))
+    assert not ej.record("a", False, 0.0, 4) and not ej.record("a", False, 0.1, 4)
+    assert ej.record("a", False, 0.2, 4)
+    assert ej.ejected(0.5) == {"a"} and ej.ejected(1.3) == frozenset()
+    for t in (2.0, 2.1, 2.2):
+        ej.record("a", False, t, 4)
+    assert ej.ejected(3.9) == {"a"} and ej.ejected(4.3) == frozenset(), "second time: 2 s"
+    for t in (5.0, 5.1, 5.2, 10.0, 10.1, 10.2, 20.0, 20.1, 20.2):
+        ej.record("a", False, t, 4)
+    assert ej.ejected(23.9) == {"a"} and ej.ejected(24.3) == frozenset(), "capped at max_seconds"
+
+
+def test_a_success_resets_the_streak_and_ejection_never_takes_every_endpoint() -> None:
+    ej = OutlierEjector(EjectionConfig(consecutive_failures=2))
+    ej.record("a", False, 0.0, 2)
+    ej.record("a", True, 0.1, 2)
+    assert not ej.record("a", False, 0.2, 2), "the success broke the streak"
+    assert ej.record("a", False, 0.3, 2)
+    # Half of 2 endpoints is out already: b stays in however often it fails.
+    for t in (0.4, 0.5, 0.6, 0.7):
+        assert not ej.record("b", False, t, 2)
+    assert ej.ejected(0.8) == {"a"}
+    ej.forget(["b"])
+    assert ej.ejected(0.8) == frozenset()
+
+
+def test_the_retry_budget_is_a_share_of_requests_with_a_reserve() -> None:
+    b = RetryBudget(ratio=0.25, reserve=3.0)
+    assert [b.try_retry() for _ in range(4)] == [True, True, True, False]
+    for _ in range(10):
+        b.request()
+    assert [b.try_retry() for _ in range(3)] == [True, True, False], "10 requests earn 2.5 retries"
 
 
 # --------------------------------------------------------------------------- tables

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -262,3 +263,18 @@ async def test_consistent_hash_keeps_a_client_on_one_replica(
                           algorithm="consistent_hash")])
     got = {await ask(port) for _ in range(12)}
     assert len(got) == 1, got
+
+
+async def test_an_endpoint_that_refuses_is_ejected_and_no_client_fails(
+    backends: list[Backend], proxy: tuple[ServiceProxy, list]
+) -> None:
+    p, events = proxy
+    port = free_port()
+    eps = [endpoint(f"web-{b.name}", b.port) for b in backends] + [endpoint("web-dead", closed_port())]
+    await p.update([table("web", [port], eps)])
+    got = [await ask(port) for _ in range(24)]
+    assert "" not in got, "every client was answered"
+    assert got.count("a") + got.count("b") + got.count("c") == 24
+    assert p.routes[port].ejector.ejected(time.monotonic()) == {"web-dead"}
+    assert ("Warning", "EndpointEjected", "pod/web-dead",
+            "ejected from service web after repeated failed connections") in events
