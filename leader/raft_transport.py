@@ -318,18 +318,34 @@ class RaftTransport:
     async def _pump(self, peer: _Peer) -> None:
         cfg = self.config
         backoff = cfg.backoff_initial
+        # An idle stream to a peer that restarted is found broken only by the next write,
+        # which would lose that batch (often the first vote request after a leader
+        # failure: a whole extra election round). Such a batch is carried over and sent
+        # once more, at once, on a new stream; Raft tolerates a late or repeated message.
+        carry: list[Message] = []
         while not self._closed:
             if peer.channel is None:
                 peer.channel = grpc.aio.insecure_channel(peer.address, options=channel_options(cfg))
             stub = raft_pb2_grpc.RaftStub(peer.channel)
             call = stub.Send()
+            retry_now = False
             try:
                 while True:
-                    first = await peer.queue.get()
-                    batch = [first]
-                    while len(batch) < cfg.max_batch and not peer.queue.empty():
-                        batch.append(peer.queue.get_nowait())
-                    await call.write(batch_to_proto(self.cluster_id, self.node_id, peer.id, batch))
+                    if carry:
+                        batch, carry = carry, []
+                        retried = True
+                    else:
+                        first = await peer.queue.get()
+                        batch = [first]
+                        while len(batch) < cfg.max_batch and not peer.queue.empty():
+                            batch.append(peer.queue.get_nowait())
+                        retried = False
+                    try:
+                        await call.write(batch_to_proto(self.cluster_id, self.node_id, peer.id, batch))
+                    except Exception:
+                        if not retried and peer.connected:
+                            carry, retry_now = batch, True
+                        raise
                     if not peer.connected:
                         peer.connected = True
                         self._log.info("raft.transport.peer_connected", peer=peer.id, address=peer.address)
@@ -341,6 +357,12 @@ class RaftTransport:
                 code, detail = await _failure(call, exc)
                 call.cancel()
                 self._on_stream_failed(peer, code, detail)
+            if retry_now:
+                # A fresh channel: the old one may sit in gRPC's own reconnect back-off.
+                if peer.channel is not None:
+                    await peer.channel.close()
+                    peer.channel = None
+                continue
             # Stale messages are worth nothing after the back-off: Raft resends.
             while not peer.queue.empty():
                 peer.queue.get_nowait()

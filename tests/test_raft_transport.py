@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from helpers import eventually
+from helpers import eventually, free_port
 from shoal.leader.raft import ConfState, Entry, Message, MsgApp, MsgHeartbeat, MsgProp, MsgSnap, Snapshot, SnapshotMeta
 from shoal.leader.raft_convert import batch_to_proto
 from shoal.leader.raft_transport import SERVER_OPTIONS, RaftTransport, TransportConfig
@@ -148,3 +148,41 @@ async def test_malformed_input_is_invalid_argument(pair: Pair) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "header" in (err.value.details() or "")
     assert pair.r1.delivered == []
+
+
+async def test_the_first_message_to_a_restarted_peer_is_not_lost() -> None:
+    """An idle stream to a peer that restarted is found broken by the next write; that
+    write's batch is sent again on a new stream, not dropped (it is typically the first
+    vote request after a leader failure)."""
+    addr2 = f"127.0.0.1:{free_port()}"
+    peers = {1: "127.0.0.1:1", 2: addr2}
+    r1, r2 = Recorder(), Recorder()
+    # Slow back-off: a message that waited for it would miss the deadline below.
+    t1 = RaftTransport(cluster_id="c1", node_id=1, peers=peers, handler=r1,
+                       config=TransportConfig(backoff_initial=5.0, backoff_max=5.0))
+    await t1.start()
+
+    async def serve(rec: Recorder) -> tuple[grpc.aio.Server, RaftTransport]:
+        s = grpc.aio.server(options=SERVER_OPTIONS)
+        s.add_insecure_port(addr2)
+        t = RaftTransport(cluster_id="c1", node_id=2, peers=peers, handler=rec, config=FAST)
+        t.add_to_server(s)
+        await s.start()
+        await t.start()
+        return s, t
+
+    s2, t2 = await serve(r2)
+    try:
+        t1.send([MsgHeartbeat(src=1, dst=2, term=1)])
+        await eventually(lambda: r2.delivered, 2.0, 0.01, what="delivery before the restart")
+        await t2.close()
+        await s2.stop(None)
+        r2b = Recorder()
+        s2, t2 = await serve(r2b)
+        t1.send([MsgHeartbeat(src=1, dst=2, term=2)])
+        await eventually(lambda: [m.term for m in r2b.delivered] == [2], 2.0, 0.01,
+                         what="the first message after the restart delivered")
+    finally:
+        await t1.close()
+        await t2.close()
+        await s2.stop(None)
