@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -386,6 +386,7 @@ class AgentProcess:
             capacity=_capacity(cfg.reserve),
             labels=cfg.labels,
             version=shoal.__version__,
+            metrics_port=cfg.metrics_port,
         )
         leader: Callable[[], str | None] = self._server_address
         if self.role is not None:
@@ -476,13 +477,41 @@ class AgentProcess:
         await asyncio.gather(*self._tasks)
 
 
-async def run(config: AgentConfig) -> None:
-    """Run an agent until SIGINT or SIGTERM."""
+async def run(config: AgentConfig, *, reload: Callable[[], AgentConfig] | None = None) -> None:
+    """Run an agent until SIGINT or SIGTERM; on SIGHUP, reload.
+
+    A reload calls `reload`, which reads the settings again (the same flags over the
+    config file as it is now), applies what a running agent can change, and returns the
+    `AgentConfig` they make. What is reloaded: the log level (the caller moves it).
+    What is not: everything in `AgentConfig` — role, addresses and ports, join seeds,
+    bootstrap_expect, data dir, node name, labels, drivers — because each shaped a
+    listener, the Raft server or the node's registration when the agent started; a
+    change to one is logged (`agent.reload_needs_restart`) and takes a restart, which
+    is cheap: replicas keep running and the restarted agent adopts them. The log format
+    (`log_json`) also takes a restart. A reload that fails (a broken file) is logged and
+    changes nothing: the agent keeps running as it was.
+    """
     proc = AgentProcess(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if reload is None:
+            proc.log.info("agent.reload_skipped", reason="nothing to reload from")
+            return
+        try:
+            fresh = reload()
+        except ShoalError as exc:
+            proc.log.error("agent.reload_failed", error=str(exc))
+            return
+        changed = [f.name for f in fields(AgentConfig) if getattr(fresh, f.name) != getattr(proc.config, f.name)]
+        if changed:
+            proc.log.warning("agent.reload_needs_restart", changed=changed)
+        proc.log.info("agent.reloaded")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await proc.start()
     waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait())

@@ -105,6 +105,7 @@ def _run(fn: Callable[[], None]) -> None:
 
 @app.command()
 def agent(
+    ctx: typer.Context,
     dev: Annotated[bool, typer.Option("--dev", help="Server and client in one process, loopback only, per-user data dir.")] = False,
     server: Annotated[bool, typer.Option("--server", help="Hold the cluster state and serve the API.")] = False,
     join: Annotated[list[str] | None, typer.Option("--join", help="An agent already in the cluster (HOST[:GOSSIP_PORT]); repeatable.")] = None,
@@ -119,50 +120,95 @@ def agent(
     label: Annotated[list[str] | None, typer.Option("--label", help="Node label KEY=VALUE; repeatable.")] = None,
     driver: Annotated[list[str] | None, typer.Option("--driver", help="Runtime drivers to enable (docker, process); repeatable.")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Logs as JSON lines.")] = False,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (reloaded on SIGHUP).")] = "info",
     seed: Annotated[int | None, typer.Option("--seed", hidden=True)] = None,
+    config: Annotated[pathlib.Path | None, typer.Option("--config", help="Settings file (default: /etc/shoal/agent.yaml if it exists, except with --dev); flags win over it.")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective settings and where each came from, then exit.")] = False,
 ) -> None:
     """Run the agent on this host (every host runs one)."""
-    from shoal.agent.main import AgentConfig, run
+    from shoal import config as settings_file
+    from shoal.agent.main import run
+
+    # Only what was typed counts as a flag; the rest may come from the file. (Sources are
+    # compared by name: typer vendors click, and its enum has no stable import path.)
+    given = {
+        key.param: ctx.params[key.param]
+        for key in settings_file.KEYS
+        if getattr(ctx.get_parameter_source(key.param), "name", "") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+    }
+
+    def load() -> settings_file.Settings:
+        # Re-run on SIGHUP: the same flags over the file as it is now.
+        return settings_file.resolve(given, settings_file.config_path(config, dev=bool(given.get("dev"))))
+
+    try:
+        settings = load()
+    except settings_file.ConfigFileError as exc:
+        for p in exc.problems:
+            err.print(str(p), markup=False)
+        _fail(f"{len(exc.problems)} problem(s) in the config file; the agent did not start")
+    except ConfigError as exc:
+        _fail(str(exc))
+    settings, agent_config = _agent_config(settings)
+    if print_config:
+        out.print(settings.render(), markup=False, end="")
+        try:
+            agent_config.validate()
+        except ConfigError as exc:
+            _fail(settings.explain(str(exc)))
+        return
+
+    gate = settings_file.LogLevelGate(settings["log_level"])
     from shoal.logs import configure
 
-    configure(json=log_json, level=log_level)
-    labels = []
-    for item in label or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _fail(f'--label must be KEY=VALUE, got "{item}"')
-        labels.append((k, v))
-    config = AgentConfig(
-        dev=dev,
-        server=server,
-        join=tuple(join or ()),
-        bootstrap_expect=bootstrap_expect,
-        bind=bind,
-        advertise=advertise,
-        grpc_port=grpc_port,
-        gossip_port=gossip_port,
-        metrics_port=metrics_port,
-        data_dir=data_dir,
-        node_name=node_name,
-        labels=tuple(labels),
-        drivers=tuple(driver) if driver else ("docker", "process"),
-        seed=seed,
-    )
+    configure(json=settings["log_json"], level="debug")
+    gate.install()
+
+    def reload() -> Any:
+        fresh, fresh_config = _agent_config(load())
+        if fresh["log_level"] != gate.level:
+            gate.set(fresh["log_level"])
+        return fresh_config
+
     try:
+        agent_config.validate()
         try:
             import uvloop
 
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(run(config))
+        asyncio.run(run(agent_config, reload=reload))
     except ConfigError as exc:
-        _fail(str(exc))
+        _fail(settings.explain(str(exc)))
     except ShoalError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+def _agent_config(settings: Any) -> tuple[Any, Any]:
+    """The settings (with the per-user data dir filled in) and the `AgentConfig` they make."""
+    from shoal.agent.main import AgentConfig, default_data_dir
+
+    if settings["data_dir"] is None:
+        settings = settings.replace("data_dir", default_data_dir(settings["dev"]))
+    return settings, AgentConfig(
+        dev=settings["dev"],
+        server=settings["server"],
+        join=settings["join"],
+        bootstrap_expect=settings["bootstrap_expect"],
+        bind=settings["bind"],
+        advertise=settings["advertise"],
+        grpc_port=settings["grpc_port"],
+        gossip_port=settings["gossip_port"],
+        metrics_port=settings["metrics_port"],
+        data_dir=settings["data_dir"],
+        node_name=settings["node_name"],
+        labels=settings["labels"],
+        drivers=settings["drivers"],
+        seed=settings["seed"],
+    )
 
 
 # -- apply / delete ---------------------------------------------------------------
@@ -463,6 +509,75 @@ def _print_servers(addr: str, name: str, output: str) -> None:
              "-" if s.lag < 0 else s.lag] for s in items]
     out.print(_table(["NAME", "ID", "ADDRESS", "ROLE", "SUFFRAGE", "TERM", "COMMIT", "APPLIED", "LAG"], rows),
               markup=False)
+
+
+@app.command()
+def top(
+    what: Annotated[str, typer.Argument(help="nodes or services.")] = "nodes",
+    output: Output = "",
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 1.0,
+    addr: Addr = "",
+) -> None:
+    """Live figures from every agent's metrics: nodes (CPU, memory, disk, network,
+    replicas) or services (connections/s, bytes/s, errors, retries, time to first byte).
+    -o json prints one snapshot (rates over one interval)."""
+    from rich.live import Live
+    from rich.text import Text
+
+    from shoal.cli.top import node_rows, scrape_all, service_rows
+
+    if what not in ("nodes", "services", "node", "service", "no", "svc"):
+        _fail(f'cannot top "{what}"; use nodes or services')
+    services = what in ("services", "service", "svc")
+
+    def snapshot(before: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with _client(addr) as c:
+            nodes = list(c.get("nodes").nodes)
+        now = scrape_all(nodes, time.monotonic())
+        rows = service_rows(before, now) if services else node_rows(before, now)
+        return {s.node: s for s in now}, rows
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        if services:
+            headers = ["SERVICE", "CONN/S", "ACTIVE", "IN/S", "OUT/S", "ERR/S", "RETRY/S", "TTFB P50", "TTFB P99",
+                       "ENDPOINTS", "TABLE"]
+            body = [[r["service"], f"{r['connections_per_second']:.1f}", f"{r['active_connections']:.0f}",
+                     _bytes(int(r["bytes_in_per_second"])), _bytes(int(r["bytes_out_per_second"])),
+                     f"{r['errors_per_second']:.1f}", f"{r['retries_per_second']:.1f}",
+                     _ms(r["first_byte_p50_seconds"]), _ms(r["first_byte_p99_seconds"]),
+                     f"{r['endpoints']:.0f}", f"v{r['table_version']:.0f}"] for r in rows]
+        else:
+            headers = ["NODE", "STATUS", "CPU", "MEMORY", "DISK", "NET RX/S", "NET TX/S", "REPLICAS", "CONNS"]
+            body = [[r["node"], r["status"] if r["reachable"] else f"{r['status']} (no metrics)",
+                     f"{r['cpu_percent']:.0f}%",
+                     f"{_bytes(int(r['memory_used_bytes']))}/{_bytes(int(r['memory_total_bytes']))}",
+                     f"{_bytes(int(r['disk_used_bytes']))}/{_bytes(int(r['disk_total_bytes']))}",
+                     _bytes(int(r["network_receive_bytes_per_second"])), _bytes(int(r["network_transmit_bytes_per_second"])),
+                     f"{r['replicas_ready']:.0f}/{r['replicas']:.0f}", f"{r['active_connections']:.0f}"] for r in rows]
+        return _table(headers, body)
+
+    def go() -> None:
+        before, _ = snapshot({})
+        if output in ("json", "yaml"):
+            time.sleep(interval)
+            _, rows = snapshot(before)
+            text = json.dumps(rows, indent=2) if output == "json" else yaml.safe_dump(rows, sort_keys=False)
+            out.print(text, markup=False, highlight=False)
+            return
+        with Live(Text(render([])), console=out, refresh_per_second=4, transient=False) as live:
+            while True:
+                time.sleep(interval)
+                before, rows = snapshot(before)
+                live.update(Text(render(rows)))
+
+    try:
+        _run(go)
+    except KeyboardInterrupt:
+        pass
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}ms"
 
 
 node_app = typer.Typer(help="Take nodes out of scheduling, move their replicas away, or put them back.",

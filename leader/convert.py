@@ -106,6 +106,7 @@ def node_pb(n: NodeRecord, allocated_cpu: int, allocated_mem: int, pods: int) ->
         status=n.status,
         cordoned=n.cordoned,
         draining=n.draining,
+        metrics_port=n.metrics_port,
         capacity=types_pb2.Resources(cpu_millis=n.cpu_millis, memory_bytes=n.memory_bytes),
         allocated=types_pb2.Resources(cpu_millis=allocated_cpu, memory_bytes=allocated_mem),
         pods=pods,

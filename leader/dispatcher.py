@@ -256,6 +256,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             labels=dict(hello.labels),
             last_seen=now,
             version=hello.version,
+            metrics_port=hello.metrics_port,
         )
         event = NewEvent(time=now, type="Normal", reason="NodeReady" if old else "NodeRegistered",
                          object=f"node/{hello.node}", message=f"agent connected from {hello.address}")

@@ -99,7 +99,8 @@ class NodeRecord(_Record):
     version: str = ""
     blocked_ports: list[int] = field(default_factory=list)  # taken by something else
     down_since: float = 0.0  # when gossip declared it dead (status Down)
-    usage: dict[str, float] = field(default_factory=dict)  # cpu_percent, memory/disk used bytes, disk total
+    usage: dict[str, float] = field(default_factory=dict)
+    metrics_port: int = 0  # cpu_percent, memory/disk used bytes, disk total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -142,7 +142,7 @@ class Table(_message.Message):
     def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining", "usage")
+    __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining", "usage", "metrics_port")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class Node(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     role: str
@@ -176,7 +177,8 @@ class Node(_message.Message):
     version: str
     draining: bool
     usage: Usage
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    metrics_port: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., cordoned: _Optional[bool] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pods: _Optional[int] = ..., last_seen: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics_port: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("cpu_percent", "memory_used_bytes", "disk_used_bytes", "disk_total_bytes")
