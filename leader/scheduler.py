@@ -167,7 +167,7 @@ class SchedulerConfig:
     sample_size: how many feasible nodes a sample ranks (Nomad's "limit"). Nomad uses 2
         for plain service jobs and log2(N) with spread or affinity. 16 is log2 of 65,536
         nodes. For binpack it matters little: binpack keeps only a few nodes open, so
-        the sample usually covers all of them (`bench/scheduler_core.py` used the same
+        the sample usually covers all of them (`bench/sched.py` used the same
         node count as the exhaustive search for every size from 2 to 32); for spread
         it is how many nodes compete for the emptiest.
     sample_probes: how many random nodes a sample may look at before giving up on

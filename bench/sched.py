@@ -1,7 +1,7 @@
 """T6: the scheduler core's speed and packing quality, with its anchors in the same run.
 
-    python bench/scheduler_core.py            # 1,000 nodes, 50,000 replicas (< 60 s)
-    python bench/scheduler_core.py --full     # 10,000 nodes, 1,000,000 replicas (T6)
+    python bench/sched.py            # 1,000 nodes, 50,000 replicas (< 60 s)
+    python bench/sched.py --full     # 10,000 nodes, 1,000,000 replicas (T6)
 
 What it does
 1. Builds a cluster of identical nodes (16 CPUs, 64 GiB) and a batch of deployments of
