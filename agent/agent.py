@@ -56,6 +56,7 @@ class AgentIdentity:
     labels: tuple[tuple[str, str], ...] = ()
     version: str = ""
     metrics_port: int = 0
+    grpc_port: int = 0
 
 
 def probe_from_pb(p: agent_pb2.Probe) -> Probe:
@@ -394,7 +395,7 @@ class AgentShell:
         ident = self.identity
         hello = agent_pb2.Hello(
             node=ident.node, address=ident.address, role=ident.role, version=ident.version,
-            metrics_port=ident.metrics_port,
+            metrics_port=ident.metrics_port, grpc_port=ident.grpc_port,
             capacity=types_pb2.Resources(cpu_millis=ident.capacity.cpu_millis or 0, memory_bytes=ident.capacity.memory_bytes or 0),
         )
         hello.labels.update(dict(ident.labels))

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 import shoal
 from shoal.agent.agent import AgentIdentity, AgentShell
+from shoal.agent.client_api import ClientControl
 from shoal.agent.gossip import GossipConfig, GossipShell
 from shoal.agent.metrics import DEFAULT_METRICS_PORT, AgentMetrics
 from shoal.agent.swim.config import Config as SwimConfig
@@ -38,7 +39,8 @@ from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.agent.reconciler import Reconciler
 from shoal.agent.runtime.base import Runtime
 from shoal.agent.runtime.process import ProcessRuntime
-from shoal.errors import ConfigError, NotFound, ShoalError
+from shoal.errors import ConfigError, NotFound, ShoalError, Unavailable
+from shoal.metadata import FORWARDED
 from shoal.leader.api import ControlService
 from shoal.leader.controller import Controller
 from shoal.leader.dispatcher import AgentService
@@ -192,6 +194,8 @@ class AgentProcess:
         await self._start_gossip()
         if cfg.is_server:
             await self._start_server()
+        else:
+            await self._start_client_api()
         await self._start_agent()
         self.ready.set()
         self.log.info(
@@ -387,6 +391,7 @@ class AgentProcess:
             labels=cfg.labels,
             version=shoal.__version__,
             metrics_port=cfg.metrics_port,
+            grpc_port=cfg.grpc_port,
         )
         leader: Callable[[], str | None] = self._server_address
         if self.role is not None:
@@ -439,14 +444,52 @@ class AgentProcess:
             await m.serve(host, cfg.metrics_port)
 
     async def _logs(self, replica: ReplicaRecord, follow: bool, tail: int) -> Any:
-        if replica.node != self.node_name:
-            raise NotFound("pod on this server", replica.id)
+        """A pod's output: from this host's runtime, or relayed from the agent that runs it."""
+        if replica.node == self.node_name:
+            async for chunk in self._local_logs(replica.id, follow, tail):
+                yield chunk
+            return
+        raw = self.role.handle.state.get("nodes", replica.node) if self.role is not None else None
+        if raw is None or not raw.get("grpc_port"):
+            raise NotFound(f"agent of node {replica.node or '(none)'} for pod", replica.id)
+        target = f"{raw['address']}:{raw['grpc_port']}"
+        async with grpc.aio.insecure_channel(target) as ch:
+            call = control_pb2_grpc.ControlStub(ch).Logs(
+                control_pb2.LogsRequest(pod=replica.id, follow=follow, tail=tail), metadata=((FORWARDED, "1"),))
+            try:
+                async for chunk in call:
+                    yield chunk.data
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise NotFound("pod", replica.id) from None
+                raise Unavailable(f"cannot read the logs of {replica.id} from {replica.node} ({target}): "
+                                  f"{exc.details()}") from None
+
+    async def _local_logs(self, pod: str, follow: bool, tail: int) -> Any:
         for runtime in self.runtimes.values():
-            if any(o.replica_id == replica.id for o in await runtime.list()):
-                async for chunk in runtime.logs(replica.id, follow=follow, tail=tail or None):
+            if any(o.replica_id == pod for o in await runtime.list()):
+                async for chunk in runtime.logs(pod, follow=follow, tail=tail or None):
                     yield chunk
                 return
-        raise NotFound("pod", replica.id)
+        raise NotFound("pod on this host", pod)
+
+    async def _start_client_api(self) -> None:
+        """A client agent's Control API: local answers, the rest relayed to a server."""
+        cfg = self.config
+        server = grpc.aio.server()
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ClientControl(self._server_address, self.members, self._local_logs), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = f"{cfg.bind}:{cfg.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+        await server.start()
+        self.server = server
 
     async def stop(self) -> None:
         """Stop serving. Replicas keep running; a restarted agent adopts them."""

@@ -257,6 +257,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             last_seen=now,
             version=hello.version,
             metrics_port=hello.metrics_port,
+            grpc_port=hello.grpc_port,
         )
         event = NewEvent(time=now, type="Normal", reason="NodeReady" if old else "NodeRegistered",
                          object=f"node/{hello.node}", message=f"agent connected from {hello.address}")

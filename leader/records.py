@@ -100,7 +100,8 @@ class NodeRecord(_Record):
     blocked_ports: list[int] = field(default_factory=list)  # taken by something else
     down_since: float = 0.0  # when gossip declared it dead (status Down)
     usage: dict[str, float] = field(default_factory=dict)
-    metrics_port: int = 0  # cpu_percent, memory/disk used bytes, disk total
+    metrics_port: int = 0
+    grpc_port: int = 0  # the agent's Control API (logs of the replicas it runs)  # cpu_percent, memory/disk used bytes, disk total
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -118,6 +118,27 @@ def test_spread_replicas_served_from_every_host(netns_cluster: NetnsCluster, who
                    what=f"{client}→{target.address}:{SERVICE_PORT} to answer from {sorted(names)} (seen {seen})")
 
 
+def test_any_host_answers_the_cli_and_logs_come_from_the_pods_host(netns_cluster: NetnsCluster) -> None:
+    """A client agent relays the API to a server and serves its own pods' logs; a
+    server relays a pod's logs from the host that runs it."""
+    c = netns_cluster
+    pods = {p["node"]: p["name"] for p in c.get_json("pods")}
+    assert "h2" in pods, "the spread test left a replica on h2"
+    h2 = c.host("h2")
+    local = f"{h2.address}:{GRPC_PORT}"
+    via_client = json_items(c.cli("get", "pods", "-o", "json", "--addr", local, host="h2"), "get pods via h2")
+    assert {p["name"] for p in via_client} == set(pods.values())
+    members = c.cli("members", "--addr", local, host="h2")
+    assert members.code == 0 and all(h.name in members.out for h in c.hosts), members.out
+    from_server = c.cli("logs", pods["h2"])
+    from_host = c.cli("logs", pods["h2"], "--addr", local, host="h2")
+    assert from_server.code == 0, from_server.err
+    assert from_host.code == 0, from_host.err
+    assert from_server.out == from_host.out
+    missing = c.cli("logs", "nosuch-pod")
+    assert missing.code == 1 and "not found" in missing.err
+
+
 def _agent_state(c: NetnsCluster, host: str) -> str:
     proc = c.host(host).proc
     assert proc is not None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shoal.v1 import types_pb2 as shoal_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/agent.proto\x12\x08shoal.v1\x1a\x14shoal/v1/types.proto\"b\n\x0c\x41gentMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x06status\x18\x02 \x01(\x0b\x32\x16.shoal.v1.StatusReportH\x00\x42\x06\n\x04\x62ody\"\xde\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.shoal.v1.Resources\x12+\n\x06labels\x18\x05 \x03(\x0b\x32\x1b.shoal.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0e\n\x06handle\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x15\n\rport_conflict\x18\n \x01(\x05\"z\n\x0cStatusReport\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.shoal.v1.ReplicaStatus\x12\x1f\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.shoal.v1.Usage\"\xd9\x01\n\x05Probe\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x1d\n\x15initial_delay_seconds\x18\x06 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x07 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x12\x19\n\x11success_threshold\x18\t \x01(\x05\x12\x19\n\x11\x66\x61ilure_threshold\x18\n \x01(\x05\"\xc2\x02\n\x07RunSpec\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12\'\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1a.shoal.v1.RunSpec.EnvEntry\x12\x16\n\x0e\x63ontainer_port\x18\x06 \x01(\x05\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12!\n\x08liveness\x18\x08 \x01(\x0b\x32\x0f.shoal.v1.Probe\x12\"\n\treadiness\x18\t \x01(\x0b\x32\x0f.shoal.v1.Probe\x12 \n\x07startup\x18\n \x01(\x0b\x32\x0f.shoal.v1.Probe\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\nAssignment\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x11\n\thost_port\x18\x04 \x01(\x05\x12\x1f\n\x04spec\x18\x05 \x01(\x0b\x32\x11.shoal.v1.RunSpec\"X\n\x0b\x41ssignments\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x14.shoal.v1.Assignment\";\n\x06Tables\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x1f\n\x06tables\x18\x02 \x03(\x0b\x32\x0f.shoal.v1.Table\"i\n\rLeaderMessage\x12,\n\x0b\x61ssignments\x18\x01 \x01(\x0b\x32\x15.shoal.v1.AssignmentsH\x00\x12\"\n\x06tables\x18\x02 \x01(\x0b\x32\x10.shoal.v1.TablesH\x00\x42\x06\n\x04\x62ody2E\n\x05\x41gent\x12<\n\x05Watch\x12\x16.shoal.v1.AgentMessage\x1a\x17.shoal.v1.LeaderMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/agent.proto\x12\x08shoal.v1\x1a\x14shoal/v1/types.proto\"b\n\x0c\x41gentMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.shoal.v1.HelloH\x00\x12(\n\x06status\x18\x02 \x01(\x0b\x32\x16.shoal.v1.StatusReportH\x00\x42\x06\n\x04\x62ody\"\xf1\x01\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.shoal.v1.Resources\x12+\n\x06labels\x18\x05 \x03(\x0b\x32\x1b.shoal.v1.Hello.LabelsEntry\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x14\n\x0cmetrics_port\x18\x07 \x01(\x05\x12\x11\n\tgrpc_port\x18\x08 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0e\n\x06handle\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x15\n\rport_conflict\x18\n \x01(\x05\"z\n\x0cStatusReport\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.shoal.v1.ReplicaStatus\x12\x1f\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0f.shoal.v1.Event\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.shoal.v1.Usage\"\xd9\x01\n\x05Probe\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x1d\n\x15initial_delay_seconds\x18\x06 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x07 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x12\x19\n\x11success_threshold\x18\t \x01(\x05\x12\x19\n\x11\x66\x61ilure_threshold\x18\n \x01(\x05\"\xc2\x02\n\x07RunSpec\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12\'\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1a.shoal.v1.RunSpec.EnvEntry\x12\x16\n\x0e\x63ontainer_port\x18\x06 \x01(\x05\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.shoal.v1.Resources\x12!\n\x08liveness\x18\x08 \x01(\x0b\x32\x0f.shoal.v1.Probe\x12\"\n\treadiness\x18\t \x01(\x0b\x32\x0f.shoal.v1.Probe\x12 \n\x07startup\x18\n \x01(\x0b\x32\x0f.shoal.v1.Probe\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\nAssignment\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x11\n\thost_port\x18\x04 \x01(\x05\x12\x1f\n\x04spec\x18\x05 \x01(\x0b\x32\x11.shoal.v1.RunSpec\"X\n\x0b\x41ssignments\x12\x0c\n\x04term\x18\x01 \x01(\x03\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\x0b\x61ssignments\x18\x03 \x03(\x0b\x32\x14.shoal.v1.Assignment\";\n\x06Tables\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x1f\n\x06tables\x18\x02 \x03(\x0b\x32\x0f.shoal.v1.Table\"i\n\rLeaderMessage\x12,\n\x0b\x61ssignments\x18\x01 \x01(\x0b\x32\x15.shoal.v1.AssignmentsH\x00\x12\"\n\x06tables\x18\x02 \x01(\x0b\x32\x10.shoal.v1.TablesH\x00\x42\x06\n\x04\x62ody2E\n\x05\x41gent\x12<\n\x05Watch\x12\x16.shoal.v1.AgentMessage\x1a\x17.shoal.v1.LeaderMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,27 +39,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTMESSAGE']._serialized_start=56
   _globals['_AGENTMESSAGE']._serialized_end=154
   _globals['_HELLO']._serialized_start=157
-  _globals['_HELLO']._serialized_end=379
-  _globals['_HELLO_LABELSENTRY']._serialized_start=334
-  _globals['_HELLO_LABELSENTRY']._serialized_end=379
-  _globals['_REPLICASTATUS']._serialized_start=382
-  _globals['_REPLICASTATUS']._serialized_end=580
-  _globals['_STATUSREPORT']._serialized_start=582
-  _globals['_STATUSREPORT']._serialized_end=704
-  _globals['_PROBE']._serialized_start=707
-  _globals['_PROBE']._serialized_end=924
-  _globals['_RUNSPEC']._serialized_start=927
-  _globals['_RUNSPEC']._serialized_end=1249
-  _globals['_RUNSPEC_ENVENTRY']._serialized_start=1207
-  _globals['_RUNSPEC_ENVENTRY']._serialized_end=1249
-  _globals['_ASSIGNMENT']._serialized_start=1251
-  _globals['_ASSIGNMENT']._serialized_end=1375
-  _globals['_ASSIGNMENTS']._serialized_start=1377
-  _globals['_ASSIGNMENTS']._serialized_end=1465
-  _globals['_TABLES']._serialized_start=1467
-  _globals['_TABLES']._serialized_end=1526
-  _globals['_LEADERMESSAGE']._serialized_start=1528
-  _globals['_LEADERMESSAGE']._serialized_end=1633
-  _globals['_AGENT']._serialized_start=1635
-  _globals['_AGENT']._serialized_end=1704
+  _globals['_HELLO']._serialized_end=398
+  _globals['_HELLO_LABELSENTRY']._serialized_start=353
+  _globals['_HELLO_LABELSENTRY']._serialized_end=398
+  _globals['_REPLICASTATUS']._serialized_start=401
+  _globals['_REPLICASTATUS']._serialized_end=599
+  _globals['_STATUSREPORT']._serialized_start=601
+  _globals['_STATUSREPORT']._serialized_end=723
+  _globals['_PROBE']._serialized_start=726
+  _globals['_PROBE']._serialized_end=943
+  _globals['_RUNSPEC']._serialized_start=946
+  _globals['_RUNSPEC']._serialized_end=1268
+  _globals['_RUNSPEC_ENVENTRY']._serialized_start=1226
+  _globals['_RUNSPEC_ENVENTRY']._serialized_end=1268
+  _globals['_ASSIGNMENT']._serialized_start=1270
+  _globals['_ASSIGNMENT']._serialized_end=1394
+  _globals['_ASSIGNMENTS']._serialized_start=1396
+  _globals['_ASSIGNMENTS']._serialized_end=1484
+  _globals['_TABLES']._serialized_start=1486
+  _globals['_TABLES']._serialized_end=1545
+  _globals['_LEADERMESSAGE']._serialized_start=1547
+  _globals['_LEADERMESSAGE']._serialized_end=1652
+  _globals['_AGENT']._serialized_start=1654
+  _globals['_AGENT']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)
