@@ -47,7 +47,7 @@ from shoal.leader.dispatcher import AgentService
 from shoal.leader.leader import ControlLoop
 from shoal.leader.records import ReplicaRecord
 from shoal.leader.scheduler import Scheduler, SchedulerConfig
-from shoal.leader.state import NewEvent, Put, Txn
+from shoal.leader.state import ClusterState, NewEvent, Put, Txn
 from shoal.leader.replicated import RaftStore
 from shoal.leader.server import PeerServer, ServerConfig, ServerRole
 from shoal.leader.store import Store
@@ -272,14 +272,21 @@ class AgentProcess:
                 continue
             type_, reason = reasons[kind]
             m = ev.member
-            ops: list[Put] = []
-            raw = store.state.get("nodes", m.name)
-            if kind in ("dead", "leave") and raw is not None and raw.get("status") != "Down":
-                ops.append(Put(kind="nodes", name=m.name, value=dict(raw, status="Down", down_since=time.time())))
+            now = time.time()
+            event = NewEvent(
+                time=now, type=type_, reason=reason, object=f"node/{m.name}",
+                message=f"gossip: {m.name} at {m.address[0]}:{m.address[1]} is {m.state.value} (incarnation {m.incarnation})")
+
+            def build(state: ClusterState, kind: str = kind, name: str = m.name, event: NewEvent = event,
+                      now: float = now) -> Txn:
+                ops: list[Put] = []
+                raw = state.get("nodes", name)
+                if kind in ("dead", "leave") and raw is not None and raw.get("status") != "Down":
+                    ops.append(Put(kind="nodes", name=name, value=dict(raw, status="Down", down_since=now)))
+                return Txn(ops=tuple(ops), events=(event,))
+
             try:
-                await store.commit(Txn(ops=tuple(ops), events=(NewEvent(
-                    time=time.time(), type=type_, reason=reason, object=f"node/{m.name}",
-                    message=f"gossip: {m.name} at {m.address[0]}:{m.address[1]} is {m.state.value} (incarnation {m.incarnation})"),)))
+                await store.update(build)
             except ShoalError as exc:
                 self.log.warning("agent.membership_not_recorded", member=m.name, error=str(exc))
 

@@ -150,11 +150,18 @@ class ControlService(control_pb2_grpc.ControlServicer):
     @_edge
     @_on_leader
     async def Apply(self, request: control_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> control_pb2.ApplyResponse:
-        results, txn = self._prepare(request)
-        if not request.dry_run:
-            await self._store.commit(txn)
-            self._log.info("api.applied", objects=[f"{r.kind}/{r.name}:{r.action}" for r in results],
-                           revision=self._store.state.revision)
+        if request.dry_run:
+            results, _ = self._prepare(request, self._store.state)
+            return control_pb2.ApplyResponse(objects=results)
+        results = []
+
+        def build(state: ClusterState) -> Txn:
+            found, txn = self._prepare(request, state)
+            results[:] = found
+            return txn
+
+        revision = await self._store.update(build)
+        self._log.info("api.applied", objects=[f"{r.kind}/{r.name}:{r.action}" for r in results], revision=revision)
         return control_pb2.ApplyResponse(objects=results)
 
     @_edge
@@ -163,7 +170,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         why, computed by the controller on a copy of the state; nothing is written."""
         if self._cluster is not None:
             await self._cluster.read_barrier()
-        results, txn = self._prepare(request)
+        results, txn = self._prepare(request, self._store.state)
         state = ClusterState.from_snapshot(self._store.state.to_snapshot())
         if txn:
             state.apply(txn)
@@ -189,7 +196,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                                                               placed=placed))
         return resp
 
-    def _prepare(self, request: control_pb2.ApplyRequest) -> tuple[list[control_pb2.AppliedObject], Txn]:
+    def _prepare(self, request: control_pb2.ApplyRequest, state: ClusterState) -> tuple[list[control_pb2.AppliedObject], Txn]:
         """Validate the request's manifests whole and turn them into one transaction."""
         docs: list[Document] = []
         problems: list[ManifestProblem] = []
@@ -222,9 +229,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
         results = []
         for doc in docs:
             if doc.kind == "Deployment":
-                action, op = self._apply_deployment(doc, now)
+                action, op = self._apply_deployment(doc, now, state)
             else:
-                action, op = self._apply_service(doc, now)
+                action, op = self._apply_service(doc, now, state)
             if op is not None:
                 ops.append(op)
                 events.append(NewEvent(time=now, type="Normal", reason=action.capitalize(),
@@ -232,8 +239,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             results.append(control_pb2.AppliedObject(kind=doc.kind, name=doc.name, action=action))
         return results, Txn(ops=tuple(ops), events=tuple(events))
 
-    def _apply_deployment(self, doc: Document, now: float) -> tuple[str, Put | None]:
-        existing_raw = self._store.state.get("deployments", doc.name)
+    def _apply_deployment(self, doc: Document, now: float, state: ClusterState) -> tuple[str, Put | None]:
+        existing_raw = state.get("deployments", doc.name)
         if existing_raw is None:
             rec = DeploymentRecord(name=doc.name, manifest=doc.raw, created_at=now, updated_at=now)
             return "created", Put(kind="deployments", name=doc.name, value=rec.to_dict())
@@ -249,8 +256,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
                                   template_generation=template_generation, updated_at=now)
         return "configured", Put(kind="deployments", name=doc.name, value=rec.to_dict())
 
-    def _apply_service(self, doc: Document, now: float) -> tuple[str, Put | None]:
-        existing_raw = self._store.state.get("services", doc.name)
+    def _apply_service(self, doc: Document, now: float, state: ClusterState) -> tuple[str, Put | None]:
+        existing_raw = state.get("services", doc.name)
         if existing_raw is None:
             rec = ServiceRecord(name=doc.name, manifest=doc.raw, created_at=now)
             return "created", Put(kind="services", name=doc.name, value=rec.to_dict())
@@ -328,17 +335,21 @@ class ControlService(control_pb2_grpc.ControlServicer):
         kind = KIND_ALIASES.get(request.kind.lower())
         if kind not in ("deployments", "services"):
             raise _InvalidRequest(f'cannot delete "{request.kind}": only deployments and services are deleted directly')
-        state = self._store.state
-        if state.get(kind, request.name) is None:
-            raise NotFound(kind.rstrip("s"), request.name)
-        ops: list[Put | Delete] = [Delete(kind=kind, name=request.name)]
-        if kind == "deployments":
-            ops += [Delete(kind="replicas", name=r["id"]) for r in state.list("replicas") if r["deployment"] == request.name]
-        else:
-            ops.append(Delete(kind="tables", name=request.name))
         now = self._clock()
-        await self._store.commit(Txn(ops=tuple(ops), events=(
-            NewEvent(time=now, type="Normal", reason="Deleted", object=f"{kind.rstrip('s')}/{request.name}", message="deleted"),)))
+
+        def build(state: ClusterState) -> Txn:
+            if state.get(kind, request.name) is None:
+                raise NotFound(kind.rstrip("s"), request.name)
+            ops: list[Put | Delete] = [Delete(kind=kind, name=request.name)]
+            if kind == "deployments":
+                ops += [Delete(kind="replicas", name=r["id"]) for r in state.list("replicas")
+                        if r["deployment"] == request.name]
+            else:
+                ops.append(Delete(kind="tables", name=request.name))
+            return Txn(ops=tuple(ops), events=(NewEvent(
+                time=now, type="Normal", reason="Deleted", object=f"{kind.rstrip('s')}/{request.name}", message="deleted"),))
+
+        await self._store.update(build)
         return control_pb2.DeleteResponse(kind=kind, name=request.name)
 
     @_edge
@@ -346,20 +357,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def Scale(self, request: control_pb2.ScaleRequest, context: grpc.aio.ServicerContext) -> control_pb2.ScaleResponse:
         if request.replicas < 0:
             raise _InvalidRequest(f"replicas must be 0 or more, got {request.replicas}")
-        raw = self._store.state.get("deployments", request.deployment)
-        if raw is None:
-            raise NotFound("deployment", request.deployment)
-        rec = DeploymentRecord.from_dict(raw)
-        manifest = dict(rec.manifest)
-        manifest["spec"] = dict(manifest.get("spec", {}), replicas=request.replicas)
         now = self._clock()
-        new = dataclasses.replace(rec, manifest=manifest, generation=rec.generation + 1, updated_at=now)
-        await self._store.commit(Txn(
-            ops=(Put(kind="deployments", name=rec.name, value=new.to_dict()),),
-            events=(NewEvent(time=now, type="Normal", reason="Scaled", object=f"deployment/{rec.name}",
-                             message=f"scaled to {request.replicas} replicas"),),
-        ))
-        return control_pb2.ScaleResponse(deployment=rec.name, replicas=request.replicas)
+
+        def build(state: ClusterState) -> Txn:
+            raw = state.get("deployments", request.deployment)
+            if raw is None:
+                raise NotFound("deployment", request.deployment)
+            rec = DeploymentRecord.from_dict(raw)
+            manifest = dict(rec.manifest)
+            manifest["spec"] = dict(manifest.get("spec", {}), replicas=request.replicas)
+            new = dataclasses.replace(rec, manifest=manifest, generation=rec.generation + 1, updated_at=now)
+            return Txn(
+                ops=(Put(kind="deployments", name=rec.name, value=new.to_dict()),),
+                events=(NewEvent(time=now, type="Normal", reason="Scaled", object=f"deployment/{rec.name}",
+                                 message=f"scaled to {request.replicas} replicas"),),
+            )
+
+        await self._store.update(build)
+        return control_pb2.ScaleResponse(deployment=request.deployment, replicas=request.replicas)
 
     # -- streams --------------------------------------------------------------------
 
@@ -400,18 +415,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def Cordon(self, request: control_pb2.CordonRequest, context: grpc.aio.ServicerContext) -> control_pb2.CordonResponse:
         if request.drain and not request.cordon:
             raise _InvalidRequest("drain needs cordon: a node being drained takes no new replicas")
-        raw = self._store.state.get("nodes", request.node)
-        if raw is None:
-            raise NotFound("node", request.node)
-        rec = NodeRecord.from_dict(raw)
-        new = dataclasses.replace(rec, cordoned=request.cordon, draining=request.cordon and request.drain)
-        if new != rec:
+        now = self._clock()
+
+        def build(state: ClusterState) -> Txn:
+            raw = state.get("nodes", request.node)
+            if raw is None:
+                raise NotFound("node", request.node)
+            rec = NodeRecord.from_dict(raw)
+            new = dataclasses.replace(rec, cordoned=request.cordon, draining=request.cordon and request.drain)
+            if new == rec:
+                return Txn()
             what = "drained" if new.draining else "cordoned" if new.cordoned else "uncordoned"
-            await self._store.commit(Txn(ops=(Put(kind="nodes", name=rec.name, value=new.to_dict()),), events=(
-                NewEvent(time=self._clock(), type="Normal", reason=what.capitalize(), object=f"node/{rec.name}",
-                         message=f"node {rec.name} {what}"),)))
-        left = sum(1 for r in self._store.state.list("replicas") if r.get("node") == rec.name)
-        return control_pb2.CordonResponse(node=rec.name, replicas=left)
+            return Txn(ops=(Put(kind="nodes", name=rec.name, value=new.to_dict()),), events=(
+                NewEvent(time=now, type="Normal", reason=what.capitalize(), object=f"node/{rec.name}",
+                         message=f"node {rec.name} {what}"),))
+
+        await self._store.update(build)
+        left = sum(1 for r in self._store.state.list("replicas") if r.get("node") == request.node)
+        return control_pb2.CordonResponse(node=request.node, replicas=left)
 
     # -- servers ----------------------------------------------------------------------
 

@@ -241,35 +241,48 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def _register(self, hello: agent_pb2.Hello) -> None:
         now = self._clock()
-        old_raw = self._store.state.get("nodes", hello.node)
-        old = NodeRecord.from_dict(old_raw) if old_raw else None
-        rec = NodeRecord(
-            name=hello.node,
-            address=hello.address,
-            role=hello.role or "client",
-            status="Ready",
-            cordoned=old.cordoned if old else False,
-            draining=old.draining if old else False,
-            blocked_ports=old.blocked_ports if old else [],
-            cpu_millis=hello.capacity.cpu_millis,
-            memory_bytes=hello.capacity.memory_bytes,
-            labels=dict(hello.labels),
-            last_seen=now,
-            version=hello.version,
-            metrics_port=hello.metrics_port,
-            grpc_port=hello.grpc_port,
-        )
-        event = NewEvent(time=now, type="Normal", reason="NodeReady" if old else "NodeRegistered",
-                         object=f"node/{hello.node}", message=f"agent connected from {hello.address}")
-        await self._store.commit(Txn(ops=(Put(kind="nodes", name=rec.name, value=rec.to_dict()),), events=(event,)))
+
+        def build(state: ClusterState) -> Txn:
+            old_raw = state.get("nodes", hello.node)
+            old = NodeRecord.from_dict(old_raw) if old_raw else None
+            rec = NodeRecord(
+                name=hello.node,
+                address=hello.address,
+                role=hello.role or "client",
+                status="Ready",
+                cordoned=old.cordoned if old else False,
+                draining=old.draining if old else False,
+                blocked_ports=old.blocked_ports if old else [],
+                cpu_millis=hello.capacity.cpu_millis,
+                memory_bytes=hello.capacity.memory_bytes,
+                labels=dict(hello.labels),
+                last_seen=now,
+                version=hello.version,
+                metrics_port=hello.metrics_port,
+                grpc_port=hello.grpc_port,
+            )
+            event = NewEvent(time=now, type="Normal", reason="NodeReady" if old else "NodeRegistered",
+                             object=f"node/{hello.node}", message=f"agent connected from {hello.address}")
+            return Txn(ops=(Put(kind="nodes", name=rec.name, value=rec.to_dict()),), events=(event,))
+
+        await self._store.update(build)
 
     async def _set_status(self, node: str, status: str) -> None:
-        raw = self._store.state.get("nodes", node)
-        if raw is None or raw.get("status") == status:
-            return
-        rec = dataclasses.replace(NodeRecord.from_dict(raw), status=status, last_seen=self._clock())
+        now = self._clock()
+
+        def build(state: ClusterState) -> Txn:
+            raw = state.get("nodes", node)
+            if raw is None or raw.get("status") == status:
+                return Txn()
+            if raw.get("status") == "Down" and status == "NotReady":
+                # Gossip already declared the host dead; its stream ending (possibly much
+                # later, for a silent host) says nothing new and must not undo that.
+                return Txn()
+            rec = dataclasses.replace(NodeRecord.from_dict(raw), status=status, last_seen=now)
+            return Txn(ops=(Put(kind="nodes", name=node, value=rec.to_dict()),))
+
         try:
-            await self._store.commit(Txn(ops=(Put(kind="nodes", name=node, value=rec.to_dict()),)))
+            await self._store.update(build)
         except Exception:  # the server may be shutting down; the next Hello fixes it
             self._log.warning("dispatcher.status_not_recorded", node=node, status=status)
 
@@ -277,9 +290,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         async for msg in it:
             if msg.WhichOneof("body") != "status":
                 continue
-            txn = apply_report(self._store.state, node, msg.status, self._clock())
-            if txn:
-                await self._store.commit(txn)
+            status, now = msg.status, self._clock()
+            await self._store.update(lambda st: apply_report(st, node, status, now))
 
 
 def _without_revision(msg: agent_pb2.Assignments | agent_pb2.Tables) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from shoal.errors import StoreError
+from shoal.errors import Conflict, StoreError, Unavailable
 from shoal.leader.controller import Controller
 from shoal.leader.store import Store
 
@@ -46,10 +46,12 @@ class ControlLoop:
         while True:
             revision = self._store.state.revision
             try:
-                txn = self._controller.reconcile(self._store.state, self._clock())
-                if txn:
-                    revision = await self._store.commit(txn)
-            except StoreError as exc:
+                # Guarded: if an API write or an agent report changed an object this pass
+                # writes, the pass runs again on the new state instead of overwriting it.
+                committed = await self._store.update(lambda st: self._controller.reconcile(st, self._clock()))
+                if committed is not None:
+                    revision = committed
+            except (StoreError, Unavailable, Conflict) as exc:
                 self._log.error("leader.commit_failed", error=str(exc))
                 await asyncio.sleep(self._tick)
                 continue
@@ -59,7 +61,7 @@ class ControlLoop:
                 self._log.exception("leader.reconcile_failed")
                 await asyncio.sleep(self._tick)
                 continue
-            if not txn:
+            if committed is None:
                 busy = 0
                 await self._store.wait(revision, timeout=self._tick)
                 continue

@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from shoal.errors import ConfigError, ShoalError, StoreError, Unavailable
+from shoal.errors import ConfigError, Conflict, ShoalError, StoreError, Unavailable
 from shoal.leader.raft import (
     NONE,
     ConfChange,
@@ -265,6 +265,8 @@ class RaftStore(Store):
 
     def _result(self, outcome: Outcome) -> int:
         if outcome.error is not None:
+            if outcome.error.startswith("conflict:"):
+                raise Conflict(outcome.error)
             raise StoreError(outcome.error)
         return outcome.revision
 

@@ -34,6 +34,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from shoal.errors import Conflict
 from shoal.leader.state import ClusterState, Txn
 
 __all__ = [
@@ -216,6 +217,8 @@ class ReplicatedState:
         error: str | None = None
         try:
             self.state.apply(Txn.from_json(cmd.txn_json))
+        except Conflict as exc:
+            error = str(exc)  # "conflict: ...": the caller reads again and retries
         except (ValueError, KeyError, TypeError) as exc:
             error = f"transaction refused: {exc}"
         revision = self.state.revision

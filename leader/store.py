@@ -7,10 +7,13 @@ Rules:
   acknowledged may or may not have happened; one that was is never lost.
 - `wait(revision)` resolves once the state has moved past `revision`: controllers and
   watchers use it instead of polling.
+- Read-modify-write goes through `update(build)`: the transaction is built from the
+  current state and guarded by what it read (`Txn.guarded`); if another write changed
+  one of its objects first, it is built again from the new state.
 
 `Store` is the interface; `SqliteStore` is the single-server backend that the dev agent
-uses. The Raft-replicated backend implements the same interface, so the controllers do
-not change when it lands.
+used before servers replicated their state, kept for tests; every agent now runs
+`RaftStore` (`shoal.leader.replicated`), which implements the same interface.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import asyncio
 import json
 import pathlib
 import sqlite3
+from collections.abc import Callable
 
-from shoal.errors import StoreError
+from shoal.errors import Conflict, StoreError
 from shoal.leader.state import EVENTS_KEPT, KINDS, ClusterState, Delete, Put, Txn
 
 __all__ = ["Store", "SqliteStore", "MemoryStore"]
@@ -53,10 +57,27 @@ class Store(abc.ABC):
             raise StoreError(f"unknown kinds in transaction: {', '.join(unknown)}")
         return await asyncio.shield(self._commit(txn))
 
+    async def update(self, build: Callable[[ClusterState], Txn], *, attempts: int = 10) -> int | None:
+        """Commit what `build(state)` returns, guarded against concurrent changes to the
+        objects it writes; rebuilt from the new state on a conflict. Returns the new
+        revision, or None when `build` had nothing to do."""
+        for attempt in range(attempts):
+            state = self.state
+            txn = build(state)
+            if not txn:
+                return None
+            try:
+                return await self.commit(txn.guarded(state))
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _commit(self, txn: Txn) -> int:
         # One commit at a time from persist to apply: the revision and event numbers a
         # transaction is written with are the ones it gets in memory.
         async with self._commit_lock:
+            self.state.check(txn)  # before disk: a refused transaction writes nothing
             await self._persist(txn, self.state)
             revision = self.state.apply(txn)
         async with self._changed:
@@ -89,7 +110,7 @@ class MemoryStore(Store):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (kind TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
-                                    PRIMARY KEY (kind, name));
+                                    mod INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -118,9 +139,10 @@ class SqliteStore(Store):
 
     def _load(self) -> None:
         state = self.state
-        for kind, name, value in self._db.execute("SELECT kind, name, value FROM objects"):
+        for kind, name, value, mod in self._db.execute("SELECT kind, name, value, mod FROM objects"):
             if kind in state.collections:
                 state.collections[kind][name] = json.loads(value)
+                state.mods[kind][name] = int(mod)
         for (value,) in self._db.execute("SELECT value FROM events ORDER BY seq"):
             state.events.append(json.loads(value))
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
@@ -137,8 +159,8 @@ class SqliteStore(Store):
             for op in txn.ops:
                 if isinstance(op, Put):
                     db.execute(
-                        "INSERT OR REPLACE INTO objects (kind, name, value) VALUES (?, ?, ?)",
-                        (op.kind, op.name, json.dumps(op.value, sort_keys=True)),
+                        "INSERT OR REPLACE INTO objects (kind, name, value, mod) VALUES (?, ?, ?, ?)",
+                        (op.kind, op.name, json.dumps(op.value, sort_keys=True), revision + 1),
                     )
                 elif isinstance(op, Delete):
                     db.execute("DELETE FROM objects WHERE kind = ? AND name = ?", (op.kind, op.name))

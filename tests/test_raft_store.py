@@ -238,3 +238,16 @@ async def test_without_a_quorum_writes_time_out_as_unavailable(cluster: Cluster)
         await lead.commit(put("lonely"), timeout=1.0)
     with pytest.raises((Unavailable, NotLeader)):
         await lead.read_barrier(timeout=1.0)
+
+
+async def test_a_stale_guarded_write_is_refused_as_a_conflict_everywhere(cluster: Cluster) -> None:
+    from shoal.errors import Conflict
+
+    lead = await cluster.leader()
+    await lead.commit(put("n", 1))
+    stale = Txn(ops=(Put(kind="nodes", name="n", value={"v": 2}),), expect=(("nodes", "n", 0),))
+    with pytest.raises(Conflict):
+        await lead.commit(stale)
+    rev = await lead.commit(put("after", 3))
+    await cluster.converged(rev)
+    assert all(s.state.get("nodes", "n") == {"v": 1} for s in cluster.stores.values())

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from shoal.errors import StoreError
+from shoal.errors import Conflict, StoreError
 from shoal.leader.state import EVENTS_KEPT, ClusterState, Delete, NewEvent, Put, Txn
 from shoal.leader.store import MemoryStore, SqliteStore
 
@@ -229,3 +229,60 @@ async def test_concurrent_commits_number_revisions_and_events_consistently(tmp_p
     assert reopened.state.to_snapshot() == store.state.to_snapshot()
     assert [e["seq"] for e in reopened.state.events_since(0)] == list(range(1, 21))
     await reopened.close()
+
+
+# -- optimistic concurrency ----------------------------------------------------------
+
+
+def test_a_guarded_txn_is_refused_if_what_it_writes_changed_since_it_was_read() -> None:
+    state = ClusterState()
+    state.apply(Txn(ops=(Put(kind="deployments", name="web", value={"replicas": 1}),)))
+    read = Txn(ops=(Put(kind="deployments", name="web", value={"replicas": 1, "note": "x"}),)).guarded(state)
+    assert read.expect == (("deployments", "web", 1),)
+    state.apply(Txn(ops=(Put(kind="deployments", name="web", value={"replicas": 5}),)))  # someone else
+    with pytest.raises(Conflict, match="deployments/web changed at revision 2"):
+        state.apply(read)
+    assert state.get("deployments", "web") == {"replicas": 5}, "the other write is not overwritten"
+    assert state.revision == 2
+    # Expectations travel with the transaction (through the Raft log).
+    assert Txn.from_json(read.to_json()) == read
+    # An object that did not exist is expected at 0; a delete clears its revision.
+    new = Txn(ops=(Put(kind="services", name="s", value={}),)).guarded(state)
+    assert new.expect == (("services", "s", 0),)
+    state.apply(new)
+    state.apply(Txn(ops=(Delete(kind="services", name="s"),)))
+    assert state.mod_revision("services", "s") == 0
+    assert ClusterState.from_snapshot(state.to_snapshot()).mods == state.mods
+
+
+class InterferedStore(MemoryStore):
+    """Another writer commits between the first transaction's build and its commit."""
+
+    def __init__(self, interference: Txn) -> None:
+        super().__init__()
+        self.interference: Txn | None = interference
+
+    async def commit(self, txn: Txn) -> int:
+        if self.interference is not None and txn.expect:
+            other, self.interference = self.interference, None
+            await super().commit(other)
+        return await super().commit(txn)
+
+
+async def test_update_rebuilds_from_the_new_state_on_a_conflict() -> None:
+    store = InterferedStore(Txn(ops=(Put(kind="nodes", name="n", value={"count": 10}),)))
+    await store.commit(Txn(ops=(Put(kind="nodes", name="n", value={"count": 0}),)))
+    builds = 0
+
+    def increment(state: ClusterState) -> Txn:
+        nonlocal builds
+        builds += 1
+        value = state.get("nodes", "n") or {}
+        return Txn(ops=(Put(kind="nodes", name="n", value={"count": value["count"] + 1}),))
+
+    await store.update(increment)
+    assert builds == 2
+    assert store.state.get("nodes", "n") == {"count": 11}, "built again from the new state: no lost update"
+    assert await store.update(lambda state: Txn()) is None
+    with pytest.raises(Conflict):
+        await store.commit(Txn(ops=(Put(kind="nodes", name="n", value={}),), expect=(("nodes", "n", 1),)))
