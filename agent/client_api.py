@@ -37,20 +37,19 @@ class ClientControl(control_pb2_grpc.ControlServicer):
         self._local_logs = local_logs
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, context: grpc.aio.ServicerContext) -> control_pb2_grpc.ControlStub | None:
+    async def _stub(self, context: grpc.aio.ServicerContext) -> control_pb2_grpc.ControlStub:
         target = self._server()
         if target is None:
-            return None
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "this client agent knows no server yet (gossip has not found one); retry")
+        assert target is not None
         ch = self._channels.get(target)
         if ch is None:
             ch = self._channels[target] = grpc.aio.insecure_channel(target)
         return control_pb2_grpc.ControlStub(ch)
 
     async def _relay(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        stub = self._stub(context)
-        if stub is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "this client agent knows no server yet (gossip has not found one); retry")
+        stub = await self._stub(context)
         remaining = context.time_remaining()
         try:
             return await getattr(stub, method)(request, timeout=min(remaining, 60.0) if remaining else 60.0)
@@ -61,10 +60,7 @@ class ClientControl(control_pb2_grpc.ControlServicer):
         return control_pb2.MembersResponse(members=self._members())
 
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        stub = self._stub(context)
-        if stub is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this client agent knows no server yet; retry")
-            return
+        stub = await self._stub(context)
         try:
             async for ev in stub.WatchEvents(request):
                 yield ev
@@ -84,10 +80,7 @@ class ClientControl(control_pb2_grpc.ControlServicer):
         except ShoalError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
-        stub = self._stub(context)
-        if stub is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this client agent knows no server yet; retry")
-            return
+        stub = await self._stub(context)
         try:
             async for chunk in stub.Logs(request):
                 yield chunk

@@ -154,6 +154,15 @@ def host_usage(data_dir: pathlib.Path) -> types_pb2.Usage:
     )
 
 
+def _listen(server: grpc.aio.Server, address: str) -> None:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+
+
 def _capacity(reserve: Resources) -> Resources:
     cpu = (psutil.cpu_count() or 1) * 1000
     mem = psutil.virtual_memory().total
@@ -335,13 +344,7 @@ class AgentProcess:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        address = f"{cfg.bind}:{cfg.grpc_port}"
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
-        if port == 0:
-            raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+        _listen(server, f"{cfg.bind}:{cfg.grpc_port}")
         for name in ("", *names[:3]):  # grpc's health servicer starts "" as SERVING
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -488,13 +491,7 @@ class AgentProcess:
             ClientControl(self._server_address, self.members, self._local_logs), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        address = f"{cfg.bind}:{cfg.grpc_port}"
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address} for gRPC: {exc}") from exc
-        if port == 0:
-            raise ConfigError(f"cannot listen on {address} for gRPC: the address is in use or not local")
+        _listen(server, f"{cfg.bind}:{cfg.grpc_port}")
         await server.start()
         self.server = server
 

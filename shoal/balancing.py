@@ -307,14 +307,19 @@ class LeastConn:
         self._outstanding = {k: v for k, v in self._outstanding.items() if k in ids}
 
     def started(self, replica_id: str) -> None:
-        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+        _count(self._outstanding, replica_id, +1)
 
     def finished(self, replica_id: str, seconds: float | None) -> None:
-        left = self._outstanding.get(replica_id, 0) - 1
-        if left > 0:
-            self._outstanding[replica_id] = left
-        else:
-            self._outstanding.pop(replica_id, None)
+        _count(self._outstanding, replica_id, -1)
+
+
+def _count(outstanding: dict[str, int], replica_id: str, delta: int) -> None:
+    """Outstanding requests per endpoint; an endpoint at zero has no entry."""
+    n = outstanding.get(replica_id, 0) + delta
+    if n > 0:
+        outstanding[replica_id] = n
+    else:
+        outstanding.pop(replica_id, None)
 
 
 EWMA_ALPHA = 0.3
@@ -379,14 +384,10 @@ class P2CEwma:
         self._outstanding = {k: v for k, v in self._outstanding.items() if k in ids}
 
     def started(self, replica_id: str) -> None:
-        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
+        _count(self._outstanding, replica_id, +1)
 
     def finished(self, replica_id: str, seconds: float | None) -> None:
-        left = self._outstanding.get(replica_id, 0) - 1
-        if left > 0:
-            self._outstanding[replica_id] = left
-        else:
-            self._outstanding.pop(replica_id, None)
+        _count(self._outstanding, replica_id, -1)
         if not any(e.replica_id == replica_id for e in self._endpoints):
             return
         sample = FAILED_LATENCY if seconds is None else max(0.0, seconds)

@@ -51,6 +51,15 @@ class Servers:
         self.stores[i] = store
         return store
 
+    async def bootstrap_three(self) -> dict[int, str]:
+        """Servers 1, 2 and 3 form a new cluster; returns their addresses."""
+        for i in (1, 2, 3):
+            self.reserve(i)
+        initial = dict(self.addresses)
+        for i in (1, 2, 3):
+            await self.start(i, initial, bootstrap=True)
+        return initial
+
     async def stop(self, i: int) -> None:
         await self.stores.pop(i).close(transfer_leadership=False)
         await self.grpc.pop(i).stop(None)
@@ -75,11 +84,7 @@ async def servers(tmp_path: pathlib.Path) -> AsyncIterator[Servers]:
 
 
 async def test_a_new_server_joins_as_learner_and_is_promoted(servers: Servers) -> None:
-    for i in (1, 2, 3):
-        servers.reserve(i)
-    initial = dict(servers.addresses)
-    for i in (1, 2, 3):
-        await servers.start(i, initial, bootstrap=True)
+    initial = await servers.bootstrap_three()
     lead = await servers.leader()
     for n in range(5):
         await lead.commit(put(f"before{n}", n))
@@ -108,11 +113,7 @@ async def test_a_new_server_joins_as_learner_and_is_promoted(servers: Servers) -
 
 
 async def test_removing_a_server_shrinks_the_quorum(servers: Servers) -> None:
-    for i in (1, 2, 3):
-        servers.reserve(i)
-    initial = dict(servers.addresses)
-    for i in (1, 2, 3):
-        await servers.start(i, initial, bootstrap=True)
+    initial = await servers.bootstrap_three()
     lead = await servers.leader()
     victim = next(i for i in (1, 2, 3) if i != lead.node_id)
     await servers.stop(victim)
@@ -125,11 +126,7 @@ async def test_removing_a_server_shrinks_the_quorum(servers: Servers) -> None:
 
 
 async def test_membership_changes_are_refused_on_a_follower(servers: Servers) -> None:
-    for i in (1, 2, 3):
-        servers.reserve(i)
-    initial = dict(servers.addresses)
-    for i in (1, 2, 3):
-        await servers.start(i, initial, bootstrap=True)
+    initial = await servers.bootstrap_three()
     lead = await servers.leader()
     follower = next(s for s in servers.stores.values() if s is not lead)
     await eventually(lambda: follower.leader_id == lead.node_id, 5.0, 0.01, what="follower knows the leader")
@@ -139,11 +136,7 @@ async def test_membership_changes_are_refused_on_a_follower(servers: Servers) ->
 
 
 async def test_the_server_table_survives_a_restart(servers: Servers) -> None:
-    for i in (1, 2, 3):
-        servers.reserve(i)
-    initial = dict(servers.addresses)
-    for i in (1, 2, 3):
-        await servers.start(i, initial, bootstrap=True)
+    initial = await servers.bootstrap_three()
     lead = await servers.leader()
     await lead.commit(put("a"))
     restarted = next(i for i in (1, 2, 3) if i != lead.node_id)
