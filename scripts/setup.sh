@@ -2,7 +2,9 @@
 # Install everything shoal and its tests need on a Debian machine; idempotent.
 #
 #   - Debian packages: docker.io (Docker Engine), golang-go (builds the example image),
-#     nftables and iproute2 (multi-host test clusters), curl, python3-venv when missing;
+#     nftables and iproute2 (multi-host test clusters), curl, python3-venv when missing,
+#     systemd (systemd-analyze checks the unit) and vagrant (vagrant validate checks the
+#     Vagrantfile; no hypervisor is needed for that);
 #   - a virtualenv at .venv with shoal installed (editable, with the test extras);
 #   - a running Docker Engine (scripts/ensure-docker.sh starts dockerd if none answers);
 #   - the local images (scripts/build-images.sh): nothing can be pulled from a registry.
@@ -23,6 +25,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
 command -v pgrep >/dev/null || missing+=(procps)
 command -v python3 >/dev/null || missing+=(python3)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v vagrant >/dev/null || missing+=(vagrant)
 if command -v python3 >/dev/null && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
