@@ -72,7 +72,8 @@ class DevAgent:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shoal", "agent", *self.mode, "--data-dir", str(self.data_dir),
              "--grpc-port", str(self.grpc_port), "--gossip-port", str(self.gossip_port),
-             "--metrics-port", str(self.metrics_port), "--node-name", self.node, "--seed", "7", *self.extra_args],
+             "--metrics-port", str(self.metrics_port), "--node-name", self.node, "--seed", "7",
+             "--config", "/dev/null", *self.extra_args],  # never a host's /etc/shoal/agent.yaml
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         log.close()
