@@ -122,7 +122,7 @@ def agent(
     log_json: Annotated[bool, typer.Option("--log-json", help="Logs as JSON lines.")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (reloaded on SIGHUP).")] = "info",
     seed: Annotated[int | None, typer.Option("--seed", hidden=True)] = None,
-    config: Annotated[pathlib.Path | None, typer.Option("--config", help="Settings file (default: /etc/shoal/agent.yaml if it exists, except with --dev); flags win over it.")] = None,
+    config: Annotated[pathlib.Path | None, typer.Option("--config", help="Settings file (default: /etc/shoal/agent.yaml if it exists, except with --dev; /dev/null for none); flags win over it.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective settings and where each came from, then exit.")] = False,
 ) -> None:
     """Run the agent on this host (every host runs one)."""
@@ -158,16 +158,20 @@ def agent(
             _fail(settings.explain(str(exc)))
         return
 
-    gate = settings_file.LogLevelGate(settings["log_level"])
+    import structlog
+
     from shoal.logs import configure
 
+    gate = settings_file.LogLevelGate(settings["log_level"])
     configure(json=settings["log_json"], level="debug")
     gate.install()
 
     def reload() -> Any:
+        # The log level is the one setting applied in place; `run` names the others.
         fresh, fresh_config = _agent_config(load())
-        if fresh["log_level"] != gate.level:
-            gate.set(fresh["log_level"])
+        gate.set(fresh["log_level"])
+        if fresh["log_json"] != settings["log_json"]:
+            structlog.get_logger("shoal").warning("agent.reload_needs_restart", changed=["log_json"])
         return fresh_config
 
     try:
