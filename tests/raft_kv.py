@@ -644,6 +644,14 @@ class KvCluster:
             s.proc.wait(timeout=10)
         s.stopped = False
 
+    def terminate(self, i: int) -> None:
+        """SIGTERM server `i` (a graceful stop: a leader hands over first) and reap it."""
+        s = self.servers[i]
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.wait(timeout=20)
+        s.stopped = False
+
     def _signal(self, i: int, sig: signal.Signals, stopped: bool) -> None:
         from tests.helpers import wait_until
 

@@ -339,6 +339,20 @@ async def test_leader_killed_and_restarted_under_load(kv: Harness) -> None:
     await w.verify(kv)
 
 
+async def test_a_leader_stopped_with_sigterm_hands_over_and_loses_no_write(kv: Harness) -> None:
+    async with running(kv, "term") as w:
+        await w.acked_writes(20, since=0.0)
+        old = await kv.leader()
+        stopped_at = time.monotonic()
+        kv.servers.terminate(old)
+        first = await w.acked_writes(10, since=stopped_at, by=lambda s: s != old)
+        print(f"first write acknowledged by the new leader {first - stopped_at:.3f} s after SIGTERM of {old}")
+        assert "raft.transferring_leadership" in kv.servers.log(old, tail=200), "the leader handed over"
+        kv.servers.start(old)
+        await kv.servers.caught_up(kv.conn, old, timeout=15.0)
+    await w.verify(kv)
+
+
 async def test_leader_paused_past_an_election_timeout(kv: Harness) -> None:
     async with running(kv, "pause") as w:
         await w.acked_writes(20, since=0.0)
