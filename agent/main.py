@@ -35,6 +35,7 @@ from shoal.agent.client_api import ClientControl
 from shoal.agent.gossip import GossipConfig, GossipShell
 from shoal.agent.metrics import DEFAULT_METRICS_PORT, AgentMetrics
 from shoal.agent.swim.config import Config as SwimConfig
+from shoal.agent.dataplane import KernelDataPlane
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.agent.reconciler import Reconciler
 from shoal.agent.runtime.base import Runtime
@@ -391,8 +392,11 @@ class AgentProcess:
                 shell_ref[0].record_event(type_, reason, obj, message)
 
         proxy_bind = cfg.proxy_bind or (cfg.bind if cfg.dev else "0.0.0.0")
+        # Started before any table arrives: it removes what a crashed agent left in the kernel.
+        dataplane = KernelDataPlane(bind_host=proxy_bind, on_event=on_event)
+        await dataplane.start()
         proxy = ServiceProxy(ProxyConfig(bind_host=proxy_bind), rng=random.Random(self.rng.random()), on_event=on_event,
-                             metrics=self.metrics)
+                             metrics=self.metrics, dataplane=dataplane)
         identity = AgentIdentity(
             node=self.node_name,
             address=cfg.advertise_address,
@@ -504,6 +508,8 @@ class AgentProcess:
                 await t
         if self.shell is not None:
             await self.shell.proxy.close()
+            if self.shell.proxy.dataplane is not None:
+                await self.shell.proxy.dataplane.close()
         for runtime in self.runtimes.values():
             with contextlib.suppress(Exception):
                 await runtime.close()

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from shoal.agent.dataplane import KernelDataPlane
 from shoal.agent.metrics import AgentMetrics
 from shoal.balancing import Endpoint, OutlierEjector, Picker, RetryBudget, make_picker
 from shoal.model import Algorithm
@@ -78,8 +79,12 @@ class ServiceProxy:
         on_event: Callable[[str, str, str, str], None] | None = None,
         logger: Any = None,
         metrics: AgentMetrics | None = None,
+        dataplane: KernelDataPlane | None = None,
     ) -> None:
         self.config = config
+        # Kernel-mode services go to the kernel data plane first; what it does not take
+        # (nftables unusable, a port it lost) the proxy carries.
+        self.dataplane = dataplane
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._on_event = on_event or (lambda *_: None)
@@ -103,6 +108,9 @@ class ServiceProxy:
         """Follow a full set of tables (shoal.v1.Table messages)."""
         wanted: dict[int, tuple[str, Algorithm, list[Endpoint]]] = {}
         tables_seen = list(tables)
+        # Ports the kernel carries: its DNAT happens before any socket sees a packet, so
+        # a listener there would only hide that nothing serves the port.
+        kernel = await self.dataplane.update(tables_seen) if self.dataplane is not None else frozenset()
         for t in tables_seen:
             try:
                 algorithm = Algorithm(t.algorithm)
@@ -111,7 +119,7 @@ class ServiceProxy:
             endpoints = [Endpoint(replica_id=e.pod, address=e.address, port=e.port, weight=e.weight or 1) for e in t.endpoints]
             for p in t.ports:
                 for port in (p.port, p.node_port):
-                    if not port:
+                    if not port or port in kernel:
                         continue
                     if port in wanted and wanted[port][0] != t.service:
                         self._report_once(port, t.service, f"port {port} is already used by service {wanted[port][0]}")

@@ -326,6 +326,7 @@ class Controller:
                     for e in table.endpoints
                 ],
                 ports=ports,
+                dataplane=sspec.dataplane.value,
             )
             if prev_raw is None or record.to_dict() != prev_raw:
                 if previous is not None and record.version <= previous.version:

@@ -95,6 +95,7 @@ def table_pb(t: TableRecord) -> types_pb2.Table:
             for e in t.endpoints
         ],
         ports=[service_port_pb(p) for p in t.ports],
+        dataplane=t.dataplane,
     )
 
 

@@ -111,3 +111,4 @@ class TableRecord(_Record):
     version: int
     endpoints: list[dict[str, Any]] = field(default_factory=list)  # pod, address, port, weight
     ports: list[dict[str, Any]] = field(default_factory=list)  # name, port, target_port, node_port, protocol
+    dataplane: str = "proxy"  # a model.DataPlane value: who carries the service's connections

@@ -21,9 +21,11 @@ Rules
   must be strings (label values and env values included: quote `"8080"`, `"yes"`), CPU
   and memory are Kubernetes quantities (`500m`, `0.5`, `64Mi`, `128M`, `1e3`). A null
   value means the field is absent.
-- shoal's knobs are annotations: `shoal.io/balance` (Service), `shoal.io/driver`
-  (Deployment or its template), `shoal.io/placement` (Deployment), `shoal.io/weight`
-  (template: a positive integer). Any other `shoal.io/` key is an error.
+- shoal's knobs are annotations: `shoal.io/balance` and `shoal.io/dataplane` (Service),
+  `shoal.io/driver` (Deployment or its template), `shoal.io/placement` (Deployment),
+  `shoal.io/weight` (template: a positive integer). Any other `shoal.io/` key is an
+  error. `shoal.io/dataplane: kernel` takes only the algorithms nftables can pick with
+  (`round_robin`, `random`); any other is an error, not a silent downgrade.
 - One container per replica. With `shoal.io/driver: process` the image is optional and
   `command` is required; with docker (the default) the image is required.
 - Label-like maps (labels, selectors, annotations, nodeSelector) are sorted by key in
@@ -143,6 +145,7 @@ _BYTES_TYPO = re.compile(r"([0-9.]+)([KMGTPE])i?B")
 _SHOAL_PREFIX = "shoal.io/"
 _KNOWN_ANNOTATIONS = (
     model.ANNOTATION_BALANCE,
+    model.ANNOTATION_DATAPLANE,
     model.ANNOTATION_DRIVER,
     model.ANNOTATION_PLACEMENT,
     model.ANNOTATION_WEIGHT,
@@ -1348,15 +1351,33 @@ class _Checker:
     # -- services
 
     def service(self, doc: dict[str, Any]) -> tuple[str | None, model.ServiceSpec | None]:
-        found: dict[str, model.Algorithm] = {}
+        algorithm = [model.Algorithm.ROUND_ROBIN]
+        dataplane: list[tuple[_Path, model.DataPlane]] = []
 
         def balance(path: _Path, value: str) -> object:
             choice = self.choice(path, value, [a.value for a in model.Algorithm])
             if choice is not None:
-                found["algorithm"] = model.Algorithm(choice)
+                algorithm[0] = model.Algorithm(choice)
             return choice
 
-        name, labels, annotations = self.metadata(doc, {model.ANNOTATION_BALANCE: balance})
+        def plane(path: _Path, value: str) -> object:
+            choice = self.choice(path, value, [d.value for d in model.DataPlane])
+            if choice is not None:
+                dataplane.append((path, model.DataPlane(choice)))
+            return choice
+
+        name, labels, annotations = self.metadata(
+            doc, {model.ANNOTATION_BALANCE: balance, model.ANNOTATION_DATAPLANE: plane}
+        )
+        if dataplane and dataplane[0][1] is model.DataPlane.KERNEL and algorithm[0] not in model.KERNEL_ALGORITHMS:
+            kernel = [a.value for a in model.Algorithm if a in model.KERNEL_ALGORITHMS]
+            self.error(
+                dataplane[0][0],
+                f"the kernel data plane balances with {' or '.join(kernel)} only (nftables numgen), "
+                f"not {algorithm[0].value}: set shoal.io/balance to one of those, or remove "
+                "shoal.io/dataplane to use the proxy, which has every algorithm",
+            )
+            annotations = None
         path: _Path = ("spec",)
         if doc.get("spec") is None:
             self.error(path, "required")
@@ -1382,7 +1403,8 @@ class _Checker:
             type=kind,
             labels=labels,
             annotations=annotations,
-            algorithm=found.get("algorithm", model.Algorithm.ROUND_ROBIN),
+            algorithm=algorithm[0],
+            dataplane=dataplane[0][1] if dataplane else model.DataPlane.PROXY,
         )
 
     def service_ports(self, path: _Path, value: object, kind: str | None) -> tuple[model.ServicePort, ...] | None:
@@ -1450,6 +1472,7 @@ class _Checker:
 
 _MISPLACED = {
     model.ANNOTATION_BALANCE: "applies to a Service, not a Deployment",
+    model.ANNOTATION_DATAPLANE: "applies to a Service, not a Deployment",
     model.ANNOTATION_DRIVER: "applies to a Deployment (metadata or spec.template.metadata), not a Service",
     model.ANNOTATION_PLACEMENT: "belongs in the Deployment's metadata.annotations",
     model.ANNOTATION_WEIGHT: "belongs in the Deployment's spec.template.metadata.annotations (it weighs each replica)",

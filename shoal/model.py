@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Algorithm",
+    "DataPlane",
+    "KERNEL_ALGORITHMS",
     "Driver",
     "Placement",
     "ProbeKind",
@@ -28,12 +30,14 @@ __all__ = [
     "RunSpec",
     "DEFAULT_REQUESTS",
     "ANNOTATION_BALANCE",
+    "ANNOTATION_DATAPLANE",
     "ANNOTATION_DRIVER",
     "ANNOTATION_PLACEMENT",
     "ANNOTATION_WEIGHT",
 ]
 
 ANNOTATION_BALANCE = "shoal.io/balance"
+ANNOTATION_DATAPLANE = "shoal.io/dataplane"
 ANNOTATION_DRIVER = "shoal.io/driver"
 ANNOTATION_PLACEMENT = "shoal.io/placement"
 ANNOTATION_WEIGHT = "shoal.io/weight"
@@ -48,6 +52,20 @@ class Algorithm(enum.Enum):
     LEAST_CONN = "least_conn"
     P2C_EWMA = "p2c_ewma"
     CONSISTENT_HASH = "consistent_hash"
+
+
+class DataPlane(enum.Enum):
+    """What carries a service's connections (`shoal.io/dataplane`): the agent's userspace
+    proxy, or nftables DNAT rules the agent programs in the host's kernel."""
+
+    PROXY = "proxy"
+    KERNEL = "kernel"
+
+
+# What nftables can pick with by itself: `numgen inc mod N` (round robin, the seed's
+# S = (R mod N) + 1) and `numgen random mod N`. The others need per-endpoint state the
+# kernel does not keep (weights, open connections, latency, a hash ring).
+KERNEL_ALGORITHMS = frozenset({Algorithm.ROUND_ROBIN, Algorithm.RANDOM})
 
 
 class Driver(enum.Enum):
@@ -195,6 +213,7 @@ class ServiceSpec:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    dataplane: DataPlane = DataPlane.PROXY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

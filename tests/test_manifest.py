@@ -241,6 +241,34 @@ def test_driver_annotation_on_deployment_metadata_and_weight_default() -> None:
     assert doc.spec.weight == 1
 
 
+@pytest.mark.parametrize(
+    ("balance", "dataplane", "algorithm", "plane"),
+    [
+        (None, None, model.Algorithm.ROUND_ROBIN, model.DataPlane.PROXY),
+        (None, "kernel", model.Algorithm.ROUND_ROBIN, model.DataPlane.KERNEL),
+        ("random", "kernel", model.Algorithm.RANDOM, model.DataPlane.KERNEL),
+        ("round_robin", "kernel", model.Algorithm.ROUND_ROBIN, model.DataPlane.KERNEL),
+        ("least_conn", "proxy", model.Algorithm.LEAST_CONN, model.DataPlane.PROXY),
+    ],
+)
+def test_service_dataplane_annotation(balance: str | None, dataplane: str | None, algorithm: model.Algorithm,
+                                      plane: model.DataPlane) -> None:
+    notes = "".join(f"    {k}: {v}\n" for k, v in (("shoal.io/balance", balance), ("shoal.io/dataplane", dataplane)) if v)
+    text = seed_with("  name: hello-world\n", f"  name: hello-world\n  annotations:\n{notes}", SEED_SERVICE) if notes else SEED_SERVICE
+    (doc,) = parse_text(text, "m.yaml")
+    assert isinstance(doc.spec, model.ServiceSpec)
+    assert (doc.spec.algorithm, doc.spec.dataplane) == (algorithm, plane)
+
+
+@pytest.mark.parametrize("algorithm", sorted(set(model.Algorithm) - model.KERNEL_ALGORITHMS, key=lambda a: a.value))
+def test_kernel_dataplane_refuses_every_algorithm_nftables_cannot_do(algorithm: model.Algorithm) -> None:
+    text = seed_with("  name: hello-world\n", "  name: hello-world\n  annotations:\n    shoal.io/dataplane: kernel\n"
+                     f"    shoal.io/balance: {algorithm.value}\n", SEED_SERVICE)
+    (problem,) = problems(text)
+    assert problem.startswith('m.yaml:6: metadata.annotations["shoal.io/dataplane"]: the kernel data plane balances')
+    assert f"not {algorithm.value}:" in problem
+
+
 # -------------------------------------------------------------------------- problems
 
 
@@ -254,7 +282,7 @@ def test_a_manifest_with_many_mistakes_reports_all_of_them_with_lines() -> None:
         'starting and ending with a letter or digit), got "Web_App"',
         f'{src}:7: metadata.annotations["shoal.io/balance"]: applies to a Service, not a Deployment',
         f'{src}:8: metadata.annotations["shoal.io/colour"]: unknown shoal annotation '
-        "(known: shoal.io/balance, shoal.io/driver, shoal.io/placement, shoal.io/weight)",
+        "(known: shoal.io/balance, shoal.io/dataplane, shoal.io/driver, shoal.io/placement, shoal.io/weight)",
         f"{src}:10: spec.replicas: must be an integer >= 0, got -1",
         f'{src}:18: spec.template.metadata.labels.version: must be a string, got 2 (quote it: "2")',
         f"{src}:23: {c}.imagePullPolicy: field not supported by shoal",
@@ -530,6 +558,25 @@ ONE_LINE_CASES = [
         SEED_SERVICE + "  clusterIP: None\n",
         "m.yaml:13: spec.clusterIP: field not supported by shoal",
         id="service-unknown-field",
+    ),
+    pytest.param(
+        seed_with("  name: hello-world\n", "  name: hello-world\n  annotations:\n    shoal.io/balance: least_conn\n"
+                  "    shoal.io/dataplane: kernel\n", SEED_SERVICE),
+        'm.yaml:7: metadata.annotations["shoal.io/dataplane"]: the kernel data plane balances with round_robin or '
+        "random only (nftables numgen), not least_conn: set shoal.io/balance to one of those, or remove "
+        "shoal.io/dataplane to use the proxy, which has every algorithm",
+        id="kernel-dataplane-least-conn",
+    ),
+    pytest.param(
+        seed_with("  name: hello-world\n", "  name: hello-world\n  annotations:\n    shoal.io/dataplane: ebpf\n",
+                  SEED_SERVICE),
+        'm.yaml:6: metadata.annotations["shoal.io/dataplane"]: must be one of proxy, kernel, got "ebpf"',
+        id="dataplane-unknown",
+    ),
+    pytest.param(
+        seed_with("  name: hello-world\n", "  name: hello-world\n  annotations:\n    shoal.io/dataplane: kernel\n"),
+        'm.yaml:6: metadata.annotations["shoal.io/dataplane"]: applies to a Service, not a Deployment',
+        id="dataplane-on-deployment",
     ),
     pytest.param(
         "a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"

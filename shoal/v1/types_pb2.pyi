@@ -128,18 +128,20 @@ class Endpoint(_message.Message):
     def __init__(self, pod: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Table(_message.Message):
-    __slots__ = ("service", "algorithm", "version", "endpoints", "ports")
+    __slots__ = ("service", "algorithm", "version", "endpoints", "ports", "dataplane")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
+    DATAPLANE_FIELD_NUMBER: _ClassVar[int]
     service: str
     algorithm: str
     version: int
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     ports: _containers.RepeatedCompositeFieldContainer[ServicePort]
-    def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ...) -> None: ...
+    dataplane: str
+    def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., dataplane: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining", "usage", "metrics_port")
