@@ -79,6 +79,15 @@ class AgentMetrics:
         r.register(self._extra)
         self._server: asyncio.AbstractServer | None = None
         self._log = logger or structlog.get_logger("shoal.metrics")
+        self._services: dict[str, ServiceMeters] = {}
+
+    def service(self, name: str) -> ServiceMeters:
+        """The proxy's meters for one service, labelled once: `labels()` costs more
+        than the increment itself, and the proxy counts on every request."""
+        meters = self._services.get(name)
+        if meters is None:
+            meters = self._services[name] = ServiceMeters(self, name)
+        return meters
 
     # --- what others add -----------------------------------------------------------------
 
@@ -89,6 +98,10 @@ class AgentMetrics:
 
     def forget_service(self, service: str) -> None:
         """Drop the per-service series of a service that is gone (no stale series)."""
+        meters = self._services.pop(service, None)
+        for endpoint in meters.endpoints if meters is not None else ():
+            with contextlib.suppress(KeyError):
+                self.proxy_connections.remove(service, endpoint)
         for metric in (self.proxy_active, self.table_version, self.table_endpoints, self.proxy_first_byte,
                        self.proxy_retries):
             with contextlib.suppress(KeyError):
@@ -143,6 +156,38 @@ class AgentMetrics:
             pass
         finally:
             writer.close()
+
+
+class ServiceMeters:
+    """One service's labelled children of the proxy metrics."""
+
+    def __init__(self, m: AgentMetrics, service: str) -> None:
+        self._m = m
+        self.service = service
+        self.active = m.proxy_active.labels(service)
+        self.first_byte = m.proxy_first_byte.labels(service)
+        self.bytes_in = m.proxy_bytes.labels(service, "in").inc
+        self.bytes_out = m.proxy_bytes.labels(service, "out").inc
+        self.retries = m.proxy_retries.labels(service)
+        self.ejections = m.proxy_ejections.labels(service)
+        self._errors: dict[str, Any] = {}
+        self._connections: dict[str, Any] = {}
+
+    def error(self, kind: str) -> None:
+        child = self._errors.get(kind)
+        if child is None:
+            child = self._errors[kind] = self._m.proxy_errors.labels(self.service, kind)
+        child.inc()
+
+    def connection(self, endpoint: str) -> None:
+        child = self._connections.get(endpoint)
+        if child is None:
+            child = self._connections[endpoint] = self._m.proxy_connections.labels(self.service, endpoint)
+        child.inc()
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._connections)
 
 
 class _NodeCollector(Collector):

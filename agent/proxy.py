@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -190,22 +189,24 @@ class ServiceProxy:
             await self._close(port)
 
     async def _handle(self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        m = self._metrics
+        m = self._metrics.service(route.service) if self._metrics is not None else None
         if route.active >= self.config.max_connections:
             if m is not None:
-                m.proxy_errors.labels(route.service, "limit").inc()
+                m.error("limit")
             writer.close()
             return
         route.active += 1
         route.budget.request()
         started = time.monotonic()
         if m is not None:
-            m.proxy_active.labels(route.service).inc()
+            m.active.inc()
         failed: set[str] = set()
         sent = bytearray()  # what the client sent before the endpoint answered
         client_done = False
-        peer = writer.get_extra_info("peername")
-        key = str(peer[0]).encode() if peer else None  # consistent hash: by client address
+        key = None
+        if route.algorithm is Algorithm.CONSISTENT_HASH:  # by client address (a syscall: only here)
+            peer = writer.get_extra_info("peername")
+            key = str(peer[0]).encode() if peer else None
         try:
             while True:
                 upstream = await self._connect(route, failed, key)
@@ -232,7 +233,7 @@ class ServiceProxy:
                         failed.add(ep.replica_id)
                         self._failure(route, ep.replica_id)
                         if m is not None:
-                            m.proxy_errors.labels(route.service, "dropped").inc()
+                            m.error("dropped")
                         if len(sent) > self.config.replay_limit:
                             return
                         continue
@@ -241,10 +242,9 @@ class ServiceProxy:
                     route.ejector.record(ep.replica_id, True, time.monotonic(), len(route.picker.endpoints))
                     count_in = count_out = None
                     if m is not None:
-                        m.proxy_connections.labels(route.service, ep.replica_id).inc()
-                        m.proxy_first_byte.labels(route.service).observe(time.monotonic() - started)
-                        count_in = m.proxy_bytes.labels(route.service, "in").inc
-                        count_out = m.proxy_bytes.labels(route.service, "out").inc
+                        m.connection(ep.replica_id)
+                        m.first_byte.observe(time.monotonic() - started)
+                        count_in, count_out = m.bytes_in, m.bytes_out
                         count_in(len(sent))
                         count_out(len(first))
                     writer.write(first)
@@ -281,7 +281,7 @@ class ServiceProxy:
         finally:
             route.active -= 1
             if m is not None:
-                m.proxy_active.labels(route.service).dec()
+                m.active.dec()
             if not writer.is_closing():
                 writer.close()
 
@@ -341,7 +341,7 @@ class ServiceProxy:
                 # Retries are capped to a share of requests: under overload, a wave of
                 # retries would only add to the load that caused the failures.
                 if self._metrics is not None:
-                    self._metrics.proxy_errors.labels(route.service, "retry_budget").inc()
+                    self._metrics.service(route.service).error("retry_budget")
                 return None
             ejected = route.ejector.ejected(time.monotonic())
             ep = route.picker.pick(exclude=frozenset(failed) | ejected, key=key) if ejected else None
@@ -351,21 +351,18 @@ class ServiceProxy:
                 if failed:
                     self._log.warning("proxy.no_endpoint_answered", service=route.service, tried=len(failed))
                 if self._metrics is not None:
-                    self._metrics.proxy_errors.labels(route.service, "no_endpoint").inc()
+                    self._metrics.service(route.service).error("no_endpoint")
                 return None
             if failed and self._metrics is not None:
-                self._metrics.proxy_retries.labels(route.service).inc()  # another endpoint, after a failure
+                self._metrics.service(route.service).retries.inc()  # another endpoint, after a failure
             try:
                 ur, uw = await asyncio.wait_for(asyncio.open_connection(ep.address, ep.port), self.config.connect_timeout)
             except (OSError, TimeoutError):
                 failed.add(ep.replica_id)
                 self._failure(route, ep.replica_id)
                 if self._metrics is not None:
-                    self._metrics.proxy_errors.labels(route.service, "connect").inc()
+                    self._metrics.service(route.service).error("connect")
                 continue
-            sock = uw.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return ur, uw, ep
 
 
@@ -375,7 +372,7 @@ class ServiceProxy:
             self._on_event("Warning", "EndpointEjected", f"pod/{replica_id}",
                            f"ejected from service {route.service} after repeated failed connections")
             if self._metrics is not None:
-                self._metrics.proxy_ejections.labels(route.service).inc()
+                self._metrics.service(route.service).ejections.inc()
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, chunk: int,
