@@ -80,43 +80,68 @@ def entry_from_proto(e: pb.RaftEntry) -> Entry:
     return Entry(term=e.term, index=e.index, kind=kind, data=e.data)
 
 
-def _entries_to(entries: Sequence[Entry]) -> list[pb.RaftEntry]:
-    return [entry_to_proto(e) for e in entries]
+def _entries_to(repeated: Any, entries: Sequence[Entry]) -> None:
+    # In place: `add` builds each entry inside its parent, where constructing RaftEntry
+    # values and handing them over would copy every one of them once more.
+    add = repeated.add
+    kinds = _KIND_TO_WIRE
+    for e in entries:
+        add(term=e.term, index=e.index, kind=kinds[e.kind], data=e.data)
 
 
 def _entries_from(entries: Any) -> tuple[Entry, ...]:
-    return tuple(entry_from_proto(e) for e in entries)
+    return tuple([entry_from_proto(e) for e in entries])
 
 
-# type -> (oneof field, core value -> wire body)
-_TO_WIRE: dict[type[Message], tuple[str, Callable[[Any], Any]]] = {
-    MsgProp: ("propose", lambda m: pb.RaftPropose(entries=_entries_to(m.entries))),
-    MsgApp: (
-        "append",
-        lambda m: pb.RaftAppend(log_term=m.log_term, index=m.index, entries=_entries_to(m.entries), commit=m.commit),
-    ),
-    MsgAppResp: (
-        "append_response",
-        lambda m: pb.RaftAppendResponse(
-            index=m.index, reject=m.reject, reject_hint=m.reject_hint, log_term=m.log_term
-        ),
-    ),
-    MsgVote: (
-        "vote",
-        lambda m: pb.RaftVote(last_index=m.last_index, last_term=m.last_term, transfer=m.transfer),
-    ),
-    MsgVoteResp: ("vote_response", lambda m: pb.RaftVoteResponse(reject=m.reject)),
-    MsgPreVote: ("pre_vote", lambda m: pb.RaftPreVote(last_index=m.last_index, last_term=m.last_term)),
-    MsgPreVoteResp: ("pre_vote_response", lambda m: pb.RaftPreVoteResponse(reject=m.reject)),
-    MsgHeartbeat: ("heartbeat", lambda m: pb.RaftHeartbeat(commit=m.commit, context=m.context)),
-    MsgHeartbeatResp: ("heartbeat_response", lambda m: pb.RaftHeartbeatResponse(context=m.context)),
-    MsgReadIndex: ("read_index", lambda m: pb.RaftReadIndex(context=m.context)),
-    MsgReadIndexResp: (
-        "read_index_response",
-        lambda m: pb.RaftReadIndexResponse(index=m.index, context=m.context),
-    ),
-    MsgTimeoutNow: ("timeout_now", lambda m: pb.RaftTimeoutNow()),
-    MsgTransferLeader: ("transfer_leader", lambda m: pb.RaftTransferLeader(transferee=m.transferee)),
+def _fill_append(b: Any, m: MsgApp) -> None:
+    b.log_term = m.log_term
+    b.index = m.index
+    b.commit = m.commit
+    _entries_to(b.entries, m.entries)
+
+
+def _fill_append_response(b: Any, m: MsgAppResp) -> None:
+    b.index = m.index
+    b.reject = m.reject
+    b.reject_hint = m.reject_hint
+    b.log_term = m.log_term
+
+
+def _fill_vote(b: Any, m: MsgVote) -> None:
+    b.last_index = m.last_index
+    b.last_term = m.last_term
+    b.transfer = m.transfer
+
+
+def _fill_pre_vote(b: Any, m: MsgPreVote) -> None:
+    b.last_index = m.last_index
+    b.last_term = m.last_term
+
+
+def _fill_read_index_response(b: Any, m: MsgReadIndexResp) -> None:
+    b.index = m.index
+    b.context = m.context
+
+
+def _fill_nothing(b: Any, m: Message) -> None:
+    pass
+
+
+# type -> (oneof field, fill the wire body in place from the core value)
+_TO_WIRE: dict[type[Message], tuple[str, Callable[[Any, Any], None]]] = {
+    MsgProp: ("propose", lambda b, m: _entries_to(b.entries, m.entries)),
+    MsgApp: ("append", _fill_append),
+    MsgAppResp: ("append_response", _fill_append_response),
+    MsgVote: ("vote", _fill_vote),
+    MsgVoteResp: ("vote_response", lambda b, m: setattr(b, "reject", m.reject)),
+    MsgPreVote: ("pre_vote", _fill_pre_vote),
+    MsgPreVoteResp: ("pre_vote_response", lambda b, m: setattr(b, "reject", m.reject)),
+    MsgHeartbeat: ("heartbeat", lambda b, m: (setattr(b, "commit", m.commit), setattr(b, "context", m.context))),
+    MsgHeartbeatResp: ("heartbeat_response", lambda b, m: setattr(b, "context", m.context)),
+    MsgReadIndex: ("read_index", lambda b, m: setattr(b, "context", m.context)),
+    MsgReadIndexResp: ("read_index_response", _fill_read_index_response),
+    MsgTimeoutNow: ("timeout_now", _fill_nothing),
+    MsgTransferLeader: ("transfer_leader", lambda b, m: setattr(b, "transferee", m.transferee)),
 }
 
 # oneof field -> (wire body, src, dst, term) -> core value
@@ -145,16 +170,22 @@ _FROM_WIRE: dict[str, Callable[[Any, int, int, int], Message]] = {
 }
 
 
-def message_to_proto(m: Message) -> pb.RaftMessage:
-    """The wire form of `m` (without sender and receiver, which the batch carries)."""
+def _fill_message(msg: pb.RaftMessage, m: Message) -> None:
     conv = _TO_WIRE.get(type(m))
     if conv is None:
         if isinstance(m, MsgSnap):
             raise TypeError("MsgSnap travels as a SendSnapshot stream: use snapshot_chunks()")
         raise TypeError(f"no wire form for {type(m).__name__}")
-    field, to_wire = conv
+    field, fill = conv
+    body = getattr(msg, field)
+    body.SetInParent()  # selects the oneof even when the body has only default values
+    fill(body, m)
+
+
+def message_to_proto(m: Message) -> pb.RaftMessage:
+    """The wire form of `m` (without sender and receiver, which the batch carries)."""
     msg = pb.RaftMessage(term=m.term)
-    getattr(msg, field).CopyFrom(to_wire(m))
+    _fill_message(msg, m)
     return msg
 
 
@@ -166,13 +197,12 @@ def message_from_proto(msg: pb.RaftMessage, *, src: int, dst: int) -> Message:
 
 
 def batch_to_proto(cluster_id: str, src: int, dst: int, messages: Sequence[Message]) -> pb.RaftBatch:
-    """One `RaftBatch` from messages that all go from `src` to `dst`."""
-    return pb.RaftBatch(
-        cluster_id=cluster_id,
-        from_id=src,
-        to_id=dst,
-        messages=[message_to_proto(m) for m in messages],
-    )
+    """One `RaftBatch` from messages that all go from `src` to `dst` (built in place)."""
+    batch = pb.RaftBatch(cluster_id=cluster_id, from_id=src, to_id=dst)
+    add = batch.messages.add
+    for m in messages:
+        _fill_message(add(term=m.term), m)
+    return batch
 
 
 def batch_from_proto(batch: pb.RaftBatch) -> list[Message]:

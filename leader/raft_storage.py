@@ -10,7 +10,9 @@ Rules:
   (the WAL is fsync'd) before `write` returns. A Ready whose `must_sync` is false (only
   the commit index moved, which the leader re-sends) is written with `synchronous=NORMAL`;
   the WAL is sequential, so the next FULL commit makes it durable too, and nothing
-  written later can survive a crash that loses it.
+  written later can survive a crash that loses it. A hard state that only moves the
+  commit index need not be written at once at all: `defer_hard_state` keeps it for the
+  next write (Raft needs no durable commit index; a restarted server learns it again).
 - One `write` = one SQLite transaction: (record a received snapshot, drop the whole
   log), delete the stored suffix that the new entries replace, insert them, store the
   hard state. Steps 1–3 of a `Ready` are therefore atomic: a crash leaves all of them
@@ -168,6 +170,7 @@ class SqliteRaftStorage(LogView):
         self._log = logger if logger is not None else structlog.get_logger("shoal.raft.storage")
         self._hook = crash_hook
         self._sync_full = True
+        self._deferred_hard_state: HardState | None = None
         # The in-memory view every read serves; `_ents[0]` stands for the offset entry.
         self._hard_state = HardState()
         self._snapshot = Snapshot()
@@ -300,6 +303,11 @@ class SqliteRaftStorage(LogView):
         _fsync_dir(self.directory)
 
     def close(self) -> None:
+        if self._deferred_hard_state is not None:
+            try:
+                self.write(sync=False)
+            except StoreError:
+                pass  # the commit index is learnt again from the leader
         self._db.close()
 
     # --- Storage (reads, from memory) ------------------------------------------------
@@ -344,6 +352,8 @@ class SqliteRaftStorage(LogView):
                 f"snapshot at {snapshot.index} is not newer than the one held at {self._snapshot.index}"
             )
         ents = self._effective_entries(snapshot, entries)
+        if hard_state is None:
+            hard_state = self._deferred_hard_state
         if snapshot is None and not ents and hard_state is None:
             return
         if snapshot is not None:
@@ -356,7 +366,10 @@ class SqliteRaftStorage(LogView):
                 db.execute("DELETE FROM entries")
                 self._put_meta(snapshot.index, snapshot.term, snapshot.index, snapshot.term)
             if ents:
-                db.execute("DELETE FROM entries WHERE idx >= ?", (ents[0].index,))
+                if snapshot is None and ents[0].index <= self.last_index():
+                    # Replacing a stored suffix (a new leader's entries); a plain append
+                    # past the end has nothing to delete.
+                    db.execute("DELETE FROM entries WHERE idx >= ?", (ents[0].index,))
                 db.executemany(
                     "INSERT INTO entries (idx, term, kind, data) VALUES (?, ?, ?, ?)",
                     [(e.index, e.term, int(e.kind), e.data) for e in ents],
@@ -371,9 +384,15 @@ class SqliteRaftStorage(LogView):
         except sqlite3.Error as exc:
             self._rollback()
             raise StoreError(f"cannot write the Raft log {self.db_path}: {exc}") from exc
+        self._deferred_hard_state = None
         self._crash_point("log.committed")
         if snapshot is not None:
             self._remove_old_snapshots(keep=snapshot)
+
+    def defer_hard_state(self, hard_state: HardState) -> None:
+        """Keep a hard state that only moved the commit index for the next `write`
+        (or `close`), instead of a transaction of its own. Term and vote never wait."""
+        self._deferred_hard_state = hard_state
 
     def publish(
         self,

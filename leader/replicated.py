@@ -5,10 +5,14 @@ replicated state machine (`ReplicatedState`: ClusterState + client sessions), a 
 task and the Ready loop. It is the only place that awaits on the core's behalf.
 
 The Ready loop, in the order `Ready` prescribes:
+  0.   hand a leader's appends and heartbeats to the transport at once: the followers
+       write the entries while the leader does (`Ready.early_messages`);
   1–3. persist the snapshot, the entries and the hard state in one SQLite transaction
        on the I/O thread (fsync'd when `must_sync`), then publish them to the in-memory
-       view the core reads, and restore the state machine from a received snapshot;
-  4.   hand the messages to the transport (after persisting: "persist before send");
+       view the core reads, and restore the state machine from a received snapshot; a
+       hard state that only moves the commit index waits for the next transaction;
+  4.   hand the other messages to the transport (after persisting: "persist before
+       send", for every acknowledgement and vote);
   5.   apply committed entries: membership changes to the core, commands to the state
        machine, resolving the `commit()` calls waiting on them;
   6.   release ReadIndex reads once the state machine has applied their index;
@@ -45,8 +49,10 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
+import heapq
 import itertools
 import pathlib
 import random
@@ -179,6 +185,10 @@ class RaftStore(Store):
         self._client_id = f"server-{node_id}-{uuid.uuid4().hex[:12]}"
         self._seq = itertools.count(1)
         self._outstanding: set[int] = set()
+        self._unacked: collections.deque[int] = collections.deque()  # own seqs, oldest first
+        # (deadline, n, key, waiter) of every commit call; the ticker expires them.
+        self._deadlines: list[tuple[float, int, tuple[str, int], asyncio.Future[Outcome]]] = []
+        self._deadline_ids = itertools.count()
         self._pending: dict[tuple[str, int], asyncio.Future[Outcome]] = {}
         self._proposals: dict[int, tuple[int, tuple[str, int]]] = {}  # index -> (term, key)
         self._reads: dict[bytes, asyncio.Future[int]] = {}
@@ -223,6 +233,7 @@ class RaftStore(Store):
         if own:
             client_id, seq = self._client_id, next(self._seq)
             self._outstanding.add(seq)
+            self._unacked.append(seq)
         elif seq is None or seq < 1:
             raise ValueError("commit with a client_id needs seq ≥ 1")
         assert client_id is not None and seq is not None
@@ -236,9 +247,9 @@ class RaftStore(Store):
                 node = self._require_node()
                 if not node.is_leader:
                     raise NotLeader(node.lead)
-                first_unacked = min(self._outstanding) if own else seq
+                first_unacked = self._first_unacked() if own else seq
                 index = node.propose(encode_command(client_id, seq, first_unacked, txn))
-                fut = _future()
+                fut = waiter = _future()
                 self._pending[key] = fut
                 replaced = self._proposals.get(index)
                 if replaced is not None:
@@ -247,13 +258,26 @@ class RaftStore(Store):
                     self._drop(replaced[1])
                 self._proposals[index] = (node.term, key)
                 self._wake.set()
+            else:
+                # A retry of a write still in flight: the same outcome, its own deadline.
+                waiter = _future()
+                fut.add_done_callback(functools.partial(_pass_on, waiter))
+            # The wait is a bare future: its deadline sits in a heap the ticker sweeps,
+            # rather than a wait_for/shield pair per call (a timer and three extra
+            # futures, and as many event-loop turns before the caller resumes).
+            deadline = asyncio.get_running_loop().time() + (
+                timeout if timeout is not None else self.config.request_timeout
+            )
+            heapq.heappush(self._deadlines, (deadline, next(self._deadline_ids), key, waiter))
             try:
-                outcome = await asyncio.wait_for(
-                    asyncio.shield(fut), timeout if timeout is not None else self.config.request_timeout
-                )
-            except TimeoutError:
-                if self._pending.get(key) is fut:
+                outcome = await waiter
+            except asyncio.CancelledError:
+                # Our caller went away (which cancels the future it awaited): a retry
+                # must not find that future, but propose again (and apply at most once).
+                if self._pending.get(key) is waiter:
                     del self._pending[key]
+                raise
+            except TimeoutError:
                 raise Unavailable(
                     f"write {client_id}/{seq} was not confirmed in time (no quorum?); it may or may "
                     "not apply: retry with the same client id and seq"
@@ -262,6 +286,25 @@ class RaftStore(Store):
         finally:
             if own:
                 self._outstanding.discard(seq)
+
+    def _first_unacked(self) -> int:
+        """The lowest of our own seqs still awaiting its answer (amortized O(1): own seqs
+        are issued in order, so answered ones leave from the front)."""
+        unacked = self._unacked
+        while unacked[0] not in self._outstanding:
+            unacked.popleft()
+        return unacked[0]
+
+    def _expire_overdue(self, now: float) -> None:
+        """Answer every commit call whose deadline passed with a timeout."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, key, waiter = heapq.heappop(deadlines)
+            if not waiter.done():
+                if self._pending.get(key) is waiter:
+                    # A later retry of this write proposes it again.
+                    del self._pending[key]
+                waiter.set_exception(TimeoutError())
 
     def _result(self, outcome: Outcome) -> int:
         if outcome.error is not None:
@@ -586,6 +629,7 @@ class RaftStore(Store):
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             node.tick()
             self._wake.set()
+            self._expire_overdue(loop.time())
             next_at += interval
             if loop.time() > next_at:
                 # The loop stalled: skip the missed ticks rather than firing them in a
@@ -595,12 +639,8 @@ class RaftStore(Store):
     async def _ready_loop(self) -> None:
         node = self._require_node()
         try:
-            import os as _os
-            _yields = int(_os.environ.get("SHOAL_EXP_YIELD", "0"))
             while not self._stopping:
                 await self._wake.wait()
-                for _ in range(_yields):
-                    await asyncio.sleep(0)
                 self._wake.clear()
                 while not self._stopping and node.has_ready():
                     rd = node.ready()
@@ -630,8 +670,17 @@ class RaftStore(Store):
         assert storage is not None
         if rd.soft_state is not None:
             self._on_soft_state(node, rd)
-        # 1–3: persist, fsync'd when must_sync, before anything leaves this node.
-        if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+        # 0: a leader's appends go out before its own fsync, which runs meanwhile.
+        if rd.early_messages:
+            self._transport.send(rd.early_messages)
+        # 1–3: persist, fsync'd when must_sync, before anything else leaves this node.
+        if rd.snapshot is None and not rd.entries and not rd.must_sync:
+            if rd.hard_state is not None:
+                # Only the commit index moved: it rides along with the next write rather
+                # than costing a transaction (and a trip to the I/O thread) before apply.
+                storage.defer_hard_state(rd.hard_state)
+                storage.publish(hard_state=rd.hard_state)
+        else:
             await self._on_io(
                 functools.partial(
                     storage.write,
@@ -773,6 +822,18 @@ class RaftStore(Store):
                 fut.set_exception(exc)
         self._pending.clear()
         self._proposals.clear()
+
+
+def _pass_on(waiter: asyncio.Future[Any], fut: asyncio.Future[Any]) -> None:
+    """Copy what `fut` came to (a result or an exception) to `waiter`, unless it is done."""
+    if waiter.done():
+        return
+    if fut.cancelled():
+        waiter.cancel()
+    elif fut.exception() is not None:
+        waiter.set_exception(fut.exception())  # type: ignore[arg-type]
+    else:
+        waiter.set_result(fut.result())
 
 
 def _future() -> asyncio.Future[Any]:

@@ -210,10 +210,33 @@ def test_proposals_between_readies_go_out_in_one_append_each() -> None:
     for i in range(10):
         n1.propose(f"v{i}".encode())
     rd = n1.ready()
-    apps = [m for m in rd.messages if isinstance(m, MsgApp) and m.entries]
+    apps = [m for m in rd.early_messages if isinstance(m, MsgApp) and m.entries]
     assert sorted(m.dst for m in apps) == [2, 3]
     assert all(len(m.entries) == 10 for m in apps)
     n1.advance(rd)
+
+
+def test_a_leaders_appends_leave_before_its_fsync_and_acks_after_the_followers() -> None:
+    # Ready step 0: the leader replicates while it writes its own log (thesis §10.2.1);
+    # a follower's acknowledgement still waits for its fsync, one per Ready.
+    c = elected(Cluster(3), 1)
+    n1, n2 = c.node(1), c.node(2)
+    apps = []
+    for data in (b"a", b"b"):
+        n1.propose(data)
+        rd = n1.ready()
+        assert rd.must_sync and not rd.messages
+        assert [m.dst for m in rd.early_messages if isinstance(m, MsgApp)] == [2, 3]
+        apps += [m for m in rd.early_messages if m.dst == 2]
+        c.storages[1].append(rd.entries)
+        n1.advance(rd)
+    for m in apps:
+        n2.step(m)
+    rd2 = n2.ready()
+    acks = [m for m in rd2.messages if isinstance(m, MsgAppResp)]
+    assert not rd2.early_messages and [a.index for a in acks] == [BOOT + 3]
+    c.storages[2].append(rd2.entries)
+    n2.advance(rd2)
 
 
 def test_figure_8_entries_of_older_terms_are_not_committed_by_counting() -> None:

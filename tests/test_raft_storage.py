@@ -126,6 +126,20 @@ def test_a_must_sync_false_write_keeps_wal_order(tmp_path: pathlib.Path) -> None
     s.close()
 
 
+def test_a_deferred_commit_index_lands_with_the_next_write_or_on_close(tmp_path: pathlib.Path) -> None:
+    s = SqliteRaftStorage(tmp_path)
+    s.append(ents(1, 3, 1))
+    s.set_hard_state(HardState(term=1, vote=1, commit=1))
+    s.defer_hard_state(HardState(term=1, vote=1, commit=2))
+    # Not on disk yet: a crash now restarts from commit 1 (Raft learns it again).
+    assert SqliteRaftStorage(tmp_path).hard_state.commit == 1
+    s.write(entries=ents(4, 4, 1))
+    assert SqliteRaftStorage(tmp_path).hard_state == HardState(term=1, vote=1, commit=2)
+    s.defer_hard_state(HardState(term=1, vote=1, commit=4))
+    s.close()
+    assert SqliteRaftStorage(tmp_path).hard_state.commit == 4
+
+
 # --- crash consistency ------------------------------------------------------------------------
 
 Op = Callable[[SqliteRaftStorage], object]

@@ -51,10 +51,13 @@ class Config:
     """Most entry bytes in one MsgApp (at least one entry is always sent). 1 MiB keeps
     one append under ~10 ms on a LAN while letting a lagging follower catch up fast."""
 
-    max_inflight_msgs: int = 256
-    """MsgApps sent but not yet acknowledged, per follower (pipelining window). At
-    1,000 concurrent clients batched per Ready this is never the bottleneck; it bounds
-    what the leader resends after a loss."""
+    max_inflight_msgs: int = 2
+    """MsgApps sent but not yet acknowledged, per follower (pipelining window). Two
+    keep a follower busy (one batch on its disk, the next on the wire) while whatever
+    is proposed meanwhile waits for the next ack and leaves as one bigger append: every
+    message costs both ends a gRPC write and a read, so under load a wider window only
+    buys more, smaller batches (measured on 2 cores: 256 sent ~40 % more messages per
+    write). A batch is bounded by `max_size_per_msg`, not by this."""
 
     max_inflight_bytes: int = 0
     """Entry bytes in flight per follower; 0 means limited by message count only."""

@@ -37,6 +37,12 @@ from .messages import (
     EntryKind,
     HardState,
     Message,
+    MsgApp,
+    MsgAppResp,
+    MsgHeartbeat,
+    MsgReadIndexResp,
+    MsgSnap,
+    MsgTimeoutNow,
     Snapshot,
 )
 from .progress import ProgressState
@@ -44,7 +50,41 @@ from .raft import CampaignKind, Raft, Role
 from .readonly import ReadState
 from .storage import Storage
 
-__all__ = ["SoftState", "Ready", "ProgressStatus", "Status", "Node"]
+__all__ = ["SoftState", "Ready", "ProgressStatus", "Status", "Node", "outbox"]
+
+
+_EARLY = (MsgApp, MsgHeartbeat, MsgSnap, MsgTimeoutNow, MsgReadIndexResp)
+"""A leader's messages: they promise nothing about the sender's disk (see `Ready`)."""
+
+
+def outbox(msgs: list[Message]) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+    """Split `msgs` into (early, after persisting), see `Ready`; merge acknowledgements.
+
+    The accepting `MsgAppResp`s to one leader in one term are merged into one: a
+    follower that took several appends between two Readys acknowledges them all after
+    one fsync, and the acknowledgement of the highest index says everything the others
+    do (the leader's match only grows, and it frees every inflight at or below it). The
+    merged ack takes the place of the last one; every other message keeps its order.
+    """
+    early: list[Message] = []
+    late: list[Message | None] = []
+    best: dict[tuple[int, int], int] = {}  # (dst, term) -> position in late
+    for m in msgs:
+        if isinstance(m, _EARLY):
+            early.append(m)
+            continue
+        if type(m) is MsgAppResp and not m.reject:
+            key = (m.dst, m.term)
+            at = best.get(key)
+            if at is not None:
+                prev = late[at]
+                assert isinstance(prev, MsgAppResp)
+                late[at] = None
+                if prev.index > m.index:
+                    m = prev
+            best[key] = len(late)
+        late.append(m)
+    return tuple(early), tuple(m for m in late if m is not None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +99,12 @@ class SoftState:
 class Ready:
     """Everything the core wants done, in the order the shell must do it.
 
+    0. `early_messages`: send them at once, before persisting. They are a leader's
+       appends, heartbeats, snapshots, read answers and transfer orders, which promise
+       nothing about this node's disk, so the leader writes its log in parallel with
+       replicating it (Raft thesis §10.2.1). Every commit index they carry covers only
+       entries persisted by earlier Readys: an ack of this Ready's entries can only
+       answer these very messages, and it is stepped after this Ready was taken.
     1. `snapshot`: persist it (storage.apply_snapshot) and restore the state machine.
     2. `entries`: append to storage (replacing stored entries from entries[0].index on).
     3. `hard_state`: persist it. Steps 1–3 must be durable (fsync when `must_sync`)
@@ -77,6 +123,7 @@ class Ready:
     snapshot: Snapshot | None = None
     entries: tuple[Entry, ...] = ()
     committed_entries: tuple[Entry, ...] = ()
+    early_messages: tuple[Message, ...] = ()
     messages: tuple[Message, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
@@ -259,13 +306,15 @@ class Node:
         hard = r.hard_state()
         entries = tuple(r.log.unstable.entries)
         snapshot = r.log.unstable.snapshot
+        early, late = outbox(r.msgs)
         rd = Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hard if hard != self._prev_hard else None,
             snapshot=snapshot,
             entries=entries,
             committed_entries=tuple(r.log.next_committed_entries()),
-            messages=tuple(r.msgs),
+            early_messages=early,
+            messages=late,
             read_states=tuple(r.read_states),
             must_sync=bool(entries)
             or snapshot is not None

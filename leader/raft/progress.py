@@ -97,6 +97,7 @@ class Progress:
         "inflights",
         "is_learner",
         "stalled_heartbeats",
+        "sent_commit",
     )
 
     def __init__(self, *, next: int, inflights: Inflights, is_learner: bool = False) -> None:
@@ -111,6 +112,9 @@ class Progress:
         self.inflights = inflights
         self.is_learner = is_learner
         self.stalled_heartbeats = 0
+        # The commit index carried by the last append sent (a later one that brings no
+        # entries is only worth sending if the commit index moved since).
+        self.sent_commit = 0
 
     def __repr__(self) -> str:
         return (

@@ -27,7 +27,9 @@ Rules (the Raft paper, thesis and etcd-io/raft, in this module's own words):
   follower's log matches, then stream within the inflights window. A rejection carries
   a hint that lets the leader skip a whole term of conflicting entries at once. Entries
   the leader has compacted are replaced by a snapshot.
-- Proposals made between two `ready()` calls are broadcast together (batching).
+- Proposals made between two `ready()` calls are broadcast together (batching), and so
+  is a commit index that advanced meanwhile: a follower gets one append per Ready with
+  the new entries and the new commit, however many acks moved the commit index.
 - Check-quorum: a leader that did not hear from a majority within election_tick steps
   down, so an isolated leader stops taking writes and reads.
 - Membership: single-server changes, one at a time, effective when applied
@@ -558,11 +560,17 @@ class Raft:
         return last
 
     def flush(self) -> None:
-        """Send the appends for proposals made since the last flush (one batch)."""
+        """Send the appends for proposals made, and the commit index reached, since the
+        last flush: one batch, at most one new append per follower."""
         if self._broadcast_pending:
             self._broadcast_pending = False
             if self.role is Role.LEADER:
-                self._bcast_append()
+                committed = self.log.committed
+                for id, pr in self.tracker.progress.items():
+                    if id != self.id:
+                        # No empty append to a follower that was already sent this
+                        # commit index (by the pipelining of an ack in this batch).
+                        self._send_append(id, send_if_empty=pr.sent_commit < committed)
 
     def _maybe_commit(self) -> bool:
         index = min(self.tracker.committed(), self.log.last_index())
@@ -610,6 +618,7 @@ class Raft:
                 commit=self.log.committed,
             )
         )
+        pr.sent_commit = self.log.committed
         if entries:
             pr.sent_entries(entries[-1].index, sum(entry_size(e) for e in entries))
         elif pr.state is ProgressState.PROBE:
@@ -659,7 +668,10 @@ class Raft:
         else:
             pr.inflights.free_le(m.index)
         if self._maybe_commit():
-            self._bcast_append()
+            # Followers hear the new commit index in the next flush, together with the
+            # entries proposed meanwhile: one append per follower per Ready, however
+            # many acks moved the commit index.
+            self._broadcast_pending = True
         elif was_paused:
             self._send_append(m.src)
         # Pipelining: fill the window with whatever else the follower lacks.

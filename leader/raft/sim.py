@@ -619,6 +619,9 @@ class Simulation:
         while sn.in_flight is None and sn.node is node and node.has_ready():
             rd = node.ready()
             sn.in_flight = rd
+            # A leader's appends leave before its own fsync (Ready, step 0).
+            for m in rd.early_messages:
+                self._send(m)
             lo, hi = self.config.persist_delay
             delay = self.rng.randint(lo, hi) if rd.must_sync else 0
             if delay:
@@ -1233,8 +1236,8 @@ class Cluster:
         if rd.hard_state is not None:
             storage.set_hard_state(rd.hard_state)
             self.invariants.on_hard_state(id, rd.hard_state, n)
-        self.queue.extend(rd.messages)
-        self.sent.extend(rd.messages)
+        self.queue.extend(rd.early_messages + rd.messages)
+        self.sent.extend(rd.early_messages + rd.messages)
         for e in rd.committed_entries:
             self.invariants.on_apply(id, e)
             if e.kind is EntryKind.CONF_CHANGE:
