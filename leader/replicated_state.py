@@ -148,8 +148,12 @@ class Sessions:
         s.results[seq] = (revision, error)
         if first_unacked > s.floor:
             s.floor = first_unacked
-            for old in [q for q in s.results if q < s.floor]:
-                del s.results[old]
+            # Results are kept in application order, which for one client is its seq
+            # order: drop from the front (a scan of every result would cost O(results)
+            # per write). A straggler below the floor behind a higher seq goes with the
+            # MAX_RESULTS cap; the same on every server either way.
+            while s.results and next(iter(s.results)) < s.floor:
+                s.results.popitem(last=False)
         while len(s.results) > MAX_RESULTS:
             s.results.popitem(last=False)
         while len(self._clients) > MAX_SESSIONS:
