@@ -380,7 +380,11 @@ class AgentShell:
         target = self.leader_addr
         if target is None:
             raise ConnectionError("no server known yet (waiting for gossip)")
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=_STREAM_OPTIONS) as channel:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+            except TimeoutError:
+                raise ConnectionError(f"no answer from {target} within {CONNECT_TIMEOUT:g} s") from None
             stub = agent_pb2_grpc.AgentStub(channel)
             call = stub.Watch(self._outgoing())
             async for msg in call:
@@ -438,6 +442,21 @@ class AgentShell:
         self._tables_revision = t.revision
         self.tables = list(t.tables)
         await self.proxy.update(t.tables)
+
+
+CONNECT_TIMEOUT = 2.0
+"""Seconds to reach a server before trying the next: a server that went dark and is not
+yet declared dead by gossip must not hold an agent for gRPC's default 20 s."""
+
+_STREAM_OPTIONS = [
+    # A leader whose host went silent is noticed in about 2 s by keepalive, not by TCP's
+    # retransmission timeouts (minutes): the agent then follows the new leader.
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_http_proxy", 0),
+]
 
 
 def _leader_hint(exc: grpc.aio.AioRpcError) -> str | None:

@@ -49,6 +49,7 @@ from shoal.leader.leader import ControlLoop
 from shoal.leader.records import ReplicaRecord
 from shoal.leader.scheduler import Scheduler, SchedulerConfig
 from shoal.leader.state import ClusterState, NewEvent, Put, Txn
+from shoal.leader.raft_transport import SERVER_OPTIONS
 from shoal.leader.replicated import RaftStore
 from shoal.leader.server import PeerServer, ServerConfig, ServerRole
 from shoal.leader.store import Store
@@ -187,6 +188,7 @@ class AgentProcess:
         self.role: ServerRole | None = None
         self.metrics = AgentMetrics(self.data_dir)
         self._meta: dict[str, str] = {}
+        self._server_turn = -1
         self.shell: AgentShell | None = None
         self.gossip: GossipShell | None = None
         self.runtimes: dict[Driver, Runtime] = {}
@@ -245,7 +247,13 @@ class AgentProcess:
             (m for m in self.gossip.members() if m.live and m.meta_get("role") == "server" and m.meta_get("grpc")),
             key=lambda m: m.name,
         )
-        return servers[0].meta_get("grpc") if servers else None
+        if not servers:
+            return None
+        # Round robin over the live servers: one that is dark but not yet declared dead
+        # costs one short connection attempt, not every attempt (a follower answers
+        # with the leader's address, so any server is a good start).
+        self._server_turn += 1
+        return servers[self._server_turn % len(servers)].meta_get("grpc")
 
     def _peer_servers(self) -> list[PeerServer]:
         """Servers in the gossip view that announce a Raft identity."""
@@ -272,6 +280,25 @@ class AgentProcess:
         """Membership changes become cluster events (and a dead host's node goes Down)."""
         assert self.gossip is not None
         queue = self.gossip.subscribe()
+        # Members that died before this server started leading (around a leader change)
+        # produced their events under the old leader, or under none: mark them now.
+        for m in self.gossip.members():
+            if m.state.value in ("dead", "left"):
+                now = time.time()
+
+                def mark(state: ClusterState, name: str = m.name, how: str = m.state.value, now: float = now) -> Txn:
+                    raw = state.get("nodes", name)
+                    if raw is None or raw.get("status") == "Down":
+                        return Txn()
+                    return Txn(ops=(Put(kind="nodes", name=name, value=dict(raw, status="Down", down_since=now)),),
+                               events=(NewEvent(time=now, type="Warning", reason="MemberDead", object=f"node/{name}",
+                                                message=f"gossip: {name} was already {how} when this server "
+                                                        "started leading"),))
+
+                try:
+                    await store.update(mark)
+                except ShoalError as exc:
+                    self.log.warning("agent.membership_not_recorded", member=m.name, error=str(exc))
         reasons = {"join": ("Normal", "MemberJoined"), "dead": ("Warning", "MemberDead"),
                    "leave": ("Normal", "MemberLeft"), "suspect": ("Warning", "MemberSuspect"),
                    "alive": ("Normal", "MemberAlive")}
@@ -328,7 +355,9 @@ class AgentProcess:
             rng=random.Random(self.rng.random()),
         )
         store = role.handle
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+        # The Raft service's options: large messages, and the peers' and agents' keepalive
+        # pings accepted (gRPC's default answers frequent pings with GOAWAY).
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         control_pb2_grpc.add_ControlServicer_to_server(
             ControlService(store, controller, log_source=self._logs, members=self.members, cluster=role), server
         )
