@@ -1,8 +1,10 @@
 """A multi-host shoal cluster on one machine, in Linux network namespaces.
 
-    python -m tests.netns up [N] [--hosts-only]  build N hosts (default 3), each running a
-                                                 real `shoal agent`; stays in the foreground
-                                                 and tears everything down on Ctrl-C/SIGTERM
+    python -m tests.netns up [N] [--servers S] [--hosts-only]
+                                                 build N hosts (default 3), each running a
+                                                 real `shoal agent`, the first S (default 1)
+                                                 servers; stays in the foreground and tears
+                                                 everything down on Ctrl-C/SIGTERM
     python -m tests.netns ls                     clusters whose namespaces exist now
     python -m tests.netns exec HOST CMD...       run CMD in HOST's namespace (h1, h2, ...),
                                                  with SHOAL_ADDR set to the server
@@ -19,8 +21,11 @@ Layout of one run, prefix `shl` + 6 hex digits (e.g. `shl1a2b3c`):
     namespace shl1a2b3c-sw    bridge br0; veth ends h1, h2, ... enslaved to it
     namespace shl1a2b3c-hI    eth0 = 198.18.0.I/24 (peer of hI in the switch), lo;
                               nft table `netdev shl1a2b3c` (cuts and loss, see below);
-                              `shoal agent --node-name hI --bind 198.18.0.I --driver process`,
-                              h1 with --server, the others with --join 198.18.0.1 (its gossip port)
+                              `shoal agent --node-name hI --bind 198.18.0.I --driver process`:
+                              with one server (the default), h1 with --server and the others
+                              with --join 198.18.0.1 (its gossip port); with `servers=S` > 1,
+                              h1..hS with --server --bootstrap-expect S --join 198.18.0.1 and
+                              the others with --join 198.18.0.1 alone
     /tmp/shl1a2b3c/hI/        the agent's data dir; hI.log its output
 
 Rules:
@@ -43,7 +48,16 @@ Rules:
   P drop` in the chains `loss_in` / `loss_out`. A sender never learns that its packet
   was dropped (an inet output-hook drop would fail its send() with EPERM); loopback
   traffic inside a host never crosses eth0 and is never affected. Drops are silent (no
-  reject): a partition looks like a dead link.
+  reject): a partition looks like a dead link. `kill_host` puts a plain drop in the
+  chains `down_in` / `down_out` (ahead of everything else) and kill -9s the agent: a dead
+  host, which nothing reaches and which reaches nothing, though what it ran keeps running
+  behind the cut until `revive_host` lifts it and starts the agent again.
+- Seeds: an agent's first start joins h1 only (one --join address is all a cluster
+  needs). A restart joins every other server too (the agent knows nothing better than
+  a seed list, and h1 may be the host that is down); a restarted server rejoins the Raft
+  cluster recorded in its data dir.
+- With several servers, the harness talks to the first server that runs and is not cut
+  off (`server`); `leader()` asks it which server leads.
 - Teardown (`close`) works whatever state the run is in, even half built, and is
   idempotent: SIGKILL to every process in the run's namespaces (agents first, so none
   restarts a replica), reap them, delete the namespaces (their veths and nft tables go
@@ -65,6 +79,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import pathlib
 import re
@@ -88,16 +103,21 @@ from tests.helpers import wait_until
 __all__ = [
     "GRPC_PORT",
     "AgentExited",
+    "ApiError",
+    "ApiSession",
     "CliResult",
     "Host",
+    "HttpLoad",
     "NetnsCluster",
     "NetnsError",
     "NetnsUnavailable",
+    "Request",
     "leftovers",
     "main",
     "process_exists",
     "require_netns",
     "whoami_binary",
+    "whoami_manifest",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -138,6 +158,8 @@ class Host:
     log_path: pathlib.Path
     server: bool
     proc: subprocess.Popen[bytes] | None = None
+    isolated: bool = False  # cut off by kill_host: nothing in or out of eth0
+    started: int = 0  # how many times its agent was started
 
     @property
     def grpc_addr(self) -> str:
@@ -186,6 +208,17 @@ def _wait(fn: Callable[[], Any], timeout: float, interval: float, what: str) -> 
     return value
 
 
+def _enter_netns(netns: str) -> None:
+    """Move the calling thread (only it) into `netns`."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc_fn().setns(fd, _CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns into {netns}: {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
 def _in_netns(netns: str, fn: Callable[[], T]) -> T:
     """Run `fn` in a thread that entered `netns`; the caller's thread never moves."""
     result: list[T] = []
@@ -193,13 +226,7 @@ def _in_netns(netns: str, fn: Callable[[], T]) -> T:
 
     def body() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc_fn().setns(fd, _CLONE_NEWNET) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, f"setns into {netns}: {os.strerror(e)}")
-            finally:
-                os.close(fd)
+            _enter_netns(netns)
             result.append(fn())
         except BaseException as exc:  # handed to the caller
             error.append(exc)
@@ -304,15 +331,56 @@ def whoami_binary() -> pathlib.Path:
     return path
 
 
+def whoami_manifest(whoami: pathlib.Path, *, name: str = "who", replicas: int = 3, port: int = 8000,
+                    placement: str = "spread") -> str:
+    """A Deployment of `replicas` whoami processes (the process driver, container port
+    8080) and a Service `name` on `port` in front of them: the multi-host workload."""
+    return f"""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  annotations:
+    shoal.io/driver: process
+    shoal.io/placement: {placement}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+      - name: whoami
+        command: ["{whoami}"]
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  selector: {{app: {name}}}
+  ports:
+  - port: {port}
+    targetPort: 8080
+"""
+
+
 # -- the cluster ------------------------------------------------------------------------
 
 
 class NetnsCluster:
-    """N hosts in network namespaces, h1 the server, each running a real agent.
+    """N hosts in network namespaces, each running a real agent; h1 (or h1..hS with
+    `servers=S`) the servers, the others client agents.
 
     Build with `NetnsCluster(n).up()` (or as a context manager); every host is addressed
     by its `Host` or its name ("h2"). See the module docstring for the layout and rules.
 
+    `servers=S` makes h1..hS servers that bootstrap one Raft cluster together (`up()`
+    returns once a leader is known and every node is Ready); 1 keeps the cluster of one.
     `agents=False` builds the network only; `agent_args` are extra `shoal agent` flags,
     appended to every agent's command line (a flag given twice: the last one wins);
     `prefix` and `tmp_root` fix the run's name and where its data dir goes.
@@ -322,6 +390,7 @@ class NetnsCluster:
         self,
         n: int,
         *,
+        servers: int = 1,
         agents: bool = True,
         agent_args: Sequence[str] = (),
         log_level: str = "info",
@@ -330,6 +399,9 @@ class NetnsCluster:
     ) -> None:
         if not 1 <= n <= MAX_HOSTS:
             raise ValueError(f"a cluster has 1 to {MAX_HOSTS} hosts, not {n}")
+        if not 1 <= servers <= min(n, 9):
+            raise ValueError(f"a cluster of {n} hosts has 1 to {min(n, 9)} servers, not {servers}")
+        self.n_servers = servers
         self.prefix = prefix or f"shl{secrets.token_hex(3)}"
         if not PREFIX_RE.match(self.prefix):
             raise ValueError(f"prefix must look like shl + 6 hex digits, not {self.prefix!r}")
@@ -347,7 +419,7 @@ class NetnsCluster:
                 address=f"{SUBNET}.{i}",
                 data_dir=self.root / f"h{i}",
                 log_path=self.root / f"h{i}.log",
-                server=i == 1,
+                server=i <= servers,
             )
             for i in range(1, n + 1)
         ]
@@ -355,6 +427,7 @@ class NetnsCluster:
         self._seen: dict[int, int] = {}  # pid -> start time of processes seen in them
         self._sockets: weakref.WeakSet[socket_mod.socket] = weakref.WeakSet()
         self._made: list[str] = []  # namespaces created, in order
+        self._apis: dict[str, ApiSession] = {}  # host name -> the harness's API session there
         self.closed = False
 
     # -- building ------------------------------------------------------------------------
@@ -419,7 +492,16 @@ class NetnsCluster:
             "--driver", "process",
             "--log-level", self.log_level,
         ]
-        argv += ["--server"] if h.server else ["--join", self.server.address]
+        if self.n_servers == 1:
+            argv += ["--server"] if h.server else ["--join", self.hosts[0].address]
+        else:
+            if h.server:
+                argv += ["--server", "--bootstrap-expect", str(self.n_servers)]
+            seeds = [self.hosts[0]]
+            if h.started:  # a restart: h1 may be the host that is down
+                seeds += [s for s in self.servers if s is not h and s is not self.hosts[0]]
+            for s in seeds:
+                argv += ["--join", s.address]
         return argv + list(self.agent_args)
 
     def start_agent(self, host: HostRef) -> Host:
@@ -441,21 +523,101 @@ class NetnsCluster:
                 self._agent_argv(h), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=ROOT, env=env, start_new_session=True,
             )
+        h.started += 1
         return h
 
     def start_agents(self, timeout: float = 30.0) -> None:
-        """Server first (clients back off exponentially while it is not there), then the rest."""
-        self.start_agent(self.server)
-        self.wait_listening(self.server, GRPC_PORT, timeout=timeout, what="the server's gRPC port")
-        for h in self.hosts[1:]:
+        """Servers first (clients back off exponentially while there is no leader), then
+        the rest; returns once every node is Ready."""
+        servers = self.servers
+        for h in servers:
+            self.start_agent(h)
+        for h in servers:
+            self.wait_listening(h, GRPC_PORT, timeout=timeout, what=f"{h.name}'s gRPC port")
+        if len(servers) > 1:
+            self.wait_leader(timeout=timeout)
+        for h in self.hosts[len(servers):]:
             self.start_agent(h)
         self.wait_ready(timeout=timeout)
 
     # -- looking things up -----------------------------------------------------------------
 
     @property
+    def servers(self) -> list[Host]:
+        return [h for h in self.hosts if h.server]
+
+    @property
     def server(self) -> Host:
+        """The server the harness talks to: the first whose agent runs and is not cut off
+        (h1 while it is up; with one server, always h1)."""
+        for h in self.servers:
+            if h.alive() and not h.isolated:
+                return h
         return self.hosts[0]
+
+    def _api_via(self, via: HostRef | None = None) -> tuple[ApiSession, Host]:
+        """The harness's own API session in `via`'s namespace (default: `server`'s), made
+        on first use, and the server it talks to."""
+        h = self.host(via) if via is not None else self.server
+        session = self._apis.get(h.name)
+        if session is None or session.exited():
+            session = self._apis[h.name] = ApiSession(self, h)
+        return session, h
+
+    def server_table(self, via: HostRef | None = None) -> list[dict[str, Any]]:
+        """The Raft servers as `via` (default: `server`) reports them, as `shoal get
+        servers -o json` prints them."""
+        session, h = self._api_via(via)
+        return list(session.call("servers", addr=h.grpc_addr).get("servers", []))
+
+    def leader(self, via: HostRef | None = None) -> Host | None:
+        """The server that leads, as `via` (default: `server`) sees it; None while there
+        is none, or when it names a host that is down (a stale view)."""
+        for s in self.server_table(via):
+            if s.get("role") == "leader":
+                try:
+                    h = self.host(str(s.get("name") or s.get("address", "").rsplit(":", 1)[0]))
+                except KeyError:
+                    return None
+                return h if h.alive() and not h.isolated else None
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, *, not_: HostRef | None = None) -> Host:
+        """Until a running server leads (and, with `not_`, one other than that host); it."""
+        avoid = self.host(not_) if not_ is not None else None
+
+        def found() -> Host | None:
+            for h in self.servers:  # one that exited by itself (not killed here) will not lead
+                if h.proc is not None and h.proc.poll() not in (None, -signal.SIGKILL):
+                    raise AgentExited(f"agent {h.name} exited with {h.proc.returncode}")
+            lead = self.leader()
+            return lead if lead is not None and lead is not avoid else None
+
+        try:
+            return _wait(found, timeout, interval=0.2, what="a leader" + (f" other than {avoid}" if avoid else ""))
+        except (AssertionError, NetnsError) as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
+
+    def wait_servers_healthy(self, timeout: float = 30.0) -> Host:
+        """Until the leader reports every server a voter that follows it with no lag (so
+        the next fault is a single fault, not one on top of a server still catching up);
+        the leader."""
+
+        def healthy() -> Host | None:
+            lead = self.leader()
+            if lead is None:
+                return None
+            table = self.server_table(lead)
+            ok = len(table) == len(self.servers) and all(
+                s.get("suffrage") == "voter" and s.get("role") in ("leader", "follower") and int(s.get("lag", 0)) == 0
+                for s in table
+            )
+            return lead if ok else None
+
+        try:
+            return _wait(healthy, timeout, interval=0.1, what="every server a voter, caught up with the leader")
+        except (AssertionError, NetnsError) as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
 
     def host(self, ref: HostRef) -> Host:
         if isinstance(ref, Host):
@@ -524,9 +686,10 @@ class NetnsCluster:
     def ready_nodes(self, since: float = 0.0) -> dict[str, str]:
         """Node name -> address of every node the server reports Ready, and (with `since`,
         a `time.time()` value) registered by an agent connection made since then."""
+        session, h = self._api_via()
         return {
             n["name"]: n.get("address", "")
-            for n in self.get_json("nodes")
+            for n in session.get("nodes", addr=h.grpc_addr)
             if n.get("status") == "Ready" and float(n.get("last_seen", 0.0)) >= since
         }
 
@@ -546,6 +709,26 @@ class NetnsCluster:
             _wait(ready, timeout, interval=0.2, what=f"nodes {', '.join(sorted(want))} Ready")
         except (AssertionError, NetnsError) as exc:
             raise AssertionError(f"{exc}\n{self.diagnose()}") from None
+
+    # -- a long-lived API client inside a host ------------------------------------------------
+
+    def api(self, host: HostRef) -> ApiSession:
+        """A `shoal.client.Client` process in `host`'s namespace, for many quick API
+        calls (a CLI run pays an interpreter start each time). See `ApiSession`."""
+        return ApiSession(self, self.host(host))
+
+    def thread(self, host: HostRef, target: Callable[[], None], name: str = "") -> threading.Thread:
+        """Start a daemon thread that enters `host`'s namespace and runs `target`: every
+        socket it makes lives there (a load generator, a prober)."""
+        h = self.host(host)
+
+        def body() -> None:
+            _enter_netns(h.netns)
+            target()
+
+        t = threading.Thread(target=body, name=name or f"netns-{h.name}", daemon=True)
+        t.start()
+        return t
 
     # -- sockets inside a host ----------------------------------------------------------------
 
@@ -633,10 +816,34 @@ class NetnsCluster:
             if (st := _stat(pid)) is not None:
                 self._seen[pid] = st[2]
 
-    def processes(self) -> dict[int, int]:
+    def processes(self, host: HostRef | None = None) -> dict[int, int]:
         """pid -> start time (clock ticks since boot) of every live process in the run's
-        namespaces: agents, replicas, probes."""
-        return {pid: st[2] for pid in _pids_in(self.inodes) if (st := _stat(pid)) is not None}
+        namespaces (or `host`'s alone): agents, replicas, probes."""
+        inodes = self.inodes
+        if host is not None:
+            inode = _netns_inode(self.host(host).netns)
+            inodes = {inode} if inode is not None else set()
+        return {pid: st[2] for pid in _pids_in(inodes) if (st := _stat(pid)) is not None}
+
+    def replicas_running(self, host: HostRef) -> dict[str, int]:
+        """Replica id -> pid of every replica process running in `host`'s namespace (the
+        process driver sets SHOAL_REPLICA in each one's environment); zombies are dead."""
+        found: dict[str, int] = {}
+        for pid in self.processes(host):
+            st = _stat(pid)
+            if st is None or st[0] == "Z":
+                continue
+            try:
+                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for var in environ:
+                if var.startswith(b"SHOAL_REPLICA="):
+                    rid = var.split(b"=", 1)[1].decode()
+                    # A replica's children inherit the variable: keep the group leader.
+                    if rid not in found or pid < found[rid]:
+                        found[rid] = pid
+        return found
 
     def kill9(self, host: HostRef) -> None:
         """SIGKILL the agent (its replicas keep running, as they would on a real host)."""
@@ -688,6 +895,24 @@ class NetnsCluster:
                 self.wait_listening(h, GRPC_PORT, timeout=timeout)
             self.wait_ready([h], timeout=timeout, since=started)
         return h
+
+    def kill_host(self, host: HostRef) -> Host:
+        """A host dies: its link goes dark (nothing in, nothing out) and its agent is
+        killed with kill -9. What the agent ran keeps running behind the cut, unreachable,
+        as on a host that lost its network and its agent at once."""
+        h = self.host(host)
+        self._nft(h, f"add rule netdev {self.table} down_in drop\nadd rule netdev {self.table} down_out drop\n")
+        h.isolated = True
+        self.kill9(h)
+        return h
+
+    def revive_host(self, host: HostRef, *, wait: bool = True, timeout: float = 30.0) -> Host:
+        """Undo `kill_host`: the link comes back, then the agent starts again with its
+        data dir (and, with `wait`, the leader has seen it connect)."""
+        h = self.host(host)
+        self._nft(h, f"flush chain netdev {self.table} down_in\nflush chain netdev {self.table} down_out\n")
+        h.isolated = False
+        return self.restart(h, wait=wait, timeout=timeout)
 
     # -- network faults ---------------------------------------------------------------------------
 
@@ -759,6 +984,7 @@ class NetnsCluster:
         for s in list(self._sockets):
             with contextlib.suppress(OSError):
                 s.close()
+        self._apis.clear()  # their processes live in the run's namespaces: killed below
         # Agents first, so none of them restarts a replica killed below.
         for h in self.hosts:
             if h.proc is not None and h.proc.poll() is None:
@@ -836,6 +1062,219 @@ class NetnsCluster:
             time.sleep(0.02)
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request of an `HttpLoad`, retries included (times: `time.monotonic()`)."""
+
+    start: float
+    end: float
+    attempts: int
+    answer: str  # the body of the 200 that ended it ("" when every attempt failed)
+    errors: tuple[str, ...]  # why each failed attempt failed
+
+    @property
+    def failed(self) -> bool:
+        return not self.answer
+
+
+class HttpLoad:
+    """A steady client: from inside `host`, one HTTP/1.0 GET at a time on a new
+    connection to address:port, one every `interval` seconds. An attempt that fails
+    (refused, reset, no answer within `timeout`, not a 200) is retried after
+    `retry_delay`, up to `attempts` in all; a request fails only when all of them did.
+    whoami answers with its replica id, so `answers` says who served each request.
+
+    `start()`, then `stop()` returns what was recorded; `requests` can be read while it
+    runs (a copy)."""
+
+    def __init__(self, cluster: NetnsCluster, host: HostRef, address: str, port: int, *, interval: float = 0.02,
+                 attempts: int = 3, timeout: float = 3.0, retry_delay: float = 0.1, path: str = "/") -> None:
+        self.cluster = cluster
+        self.host = cluster.host(host)
+        self.address, self.port, self.path = address, port, path
+        self.interval, self.attempts, self.timeout, self.retry_delay = interval, attempts, timeout, retry_delay
+        self._requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _attempt(self) -> str:
+        with socket_mod.create_connection((self.address, self.port), timeout=self.timeout) as s:
+            s.settimeout(self.timeout)
+            s.sendall(f"GET {self.path} HTTP/1.0\r\nHost: {self.address}\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1."):
+            raise ConnectionError(f"not an HTTP response: {data[:60]!r}")
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise ConnectionError(f"HTTP {status.decode()}")
+        return body.decode().strip() or "?"
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                errors: list[str] = []
+                answer = ""
+                for i in range(self.attempts):
+                    try:
+                        answer = self._attempt()
+                        break
+                    except OSError as exc:  # ConnectionError and timeouts are OSErrors
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        if i + 1 < self.attempts:
+                            self._stop.wait(self.retry_delay)
+                end = time.monotonic()
+                with self._lock:
+                    self._requests.append(Request(start, end, len(errors) + (1 if answer else 0), answer, tuple(errors)))
+                self._stop.wait(max(0.0, self.interval - (end - start)))  # pacing, not synchronisation
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def start(self) -> HttpLoad:
+        self._thread = self.cluster.thread(self.host, self._run, name=f"load-{self.host.name}")
+        return self
+
+    def stop(self) -> list[Request]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout * self.attempts + 5)
+            if self._thread.is_alive():
+                raise NetnsError(f"the load generator in {self.host.name} did not stop")
+        if self.error is not None:
+            raise NetnsError(f"the load generator in {self.host.name} crashed: {self.error!r}") from self.error
+        return self.requests
+
+    @property
+    def requests(self) -> list[Request]:
+        with self._lock:
+            return list(self._requests)
+
+    def answers(self, since: float = 0.0) -> list[tuple[float, str]]:
+        """(end time, replica id) of every request answered that ended after `since`."""
+        return [(r.end, r.answer) for r in self.requests if r.answer and r.end >= since]
+
+    def __enter__(self) -> HttpLoad:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout * self.attempts + 5)
+
+
+class ApiError(NetnsError):
+    """An API call made through an `ApiSession` failed; the message is the client's."""
+
+    def __init__(self, message: str, *, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind  # the client-side exception's class name (Unavailable, ...)
+
+
+_API_SESSION = r"""
+import json, sys
+from google.protobuf.json_format import MessageToDict
+from shoal.client import Client
+clients = {}
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        c = clients.get(req["addr"])
+        if c is None:
+            c = clients[req["addr"]] = Client(req["addr"])
+        c.timeout = req["timeout"]
+        resp = getattr(c, req["method"])(*req["args"])
+        out = {"id": req["id"], "ok": MessageToDict(resp, preserving_proto_field_name=True)}
+    except Exception as exc:
+        out = {"id": req["id"], "error": str(exc) or repr(exc), "kind": type(exc).__name__}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class ApiSession:
+    """One Python process in a host's namespace holding `shoal.client.Client`s (one per
+    server address): `call("get", "pods")` sends a JSON line, the process makes the gRPC
+    call and answers with the response as a dict (`MessageToDict`, proto field names, as
+    `-o json` prints) or the error's message. Calls are sequential; each is bounded by
+    its own gRPC deadline, and the harness waits that plus a margin. The process lives in
+    the run's namespace, so the cluster's `close()` ends it if `close()` here did not."""
+
+    def __init__(self, cluster: NetnsCluster, host: Host) -> None:
+        self.cluster = cluster
+        self.host = host
+        self._proc = cluster.popen(host, sys.executable, "-c", _API_SESSION, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._next = 0
+        self._lines: list[str] = []
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"api-{host.name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._cv:
+                self._lines.append(line)
+                self._cv.notify_all()
+        with self._cv:
+            self._lines.append("")  # EOF
+            self._cv.notify_all()
+
+    def call(self, method: str, *args: Any, addr: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        """`Client.<method>(*args)` against `addr` (default: the cluster's `server`)."""
+        if self._proc.poll() is not None or self._proc.stdin is None:
+            raise NetnsError(f"API session in {self.host.name} exited with {self._proc.returncode}")
+        self._next += 1
+        rid = self._next
+        req = {"id": rid, "addr": addr or self.cluster.server.grpc_addr, "timeout": timeout,
+               "method": method, "args": list(args)}
+        self._proc.stdin.write(json.dumps(req) + "\n")
+        self._proc.stdin.flush()
+        deadline = time.monotonic() + timeout + 5.0
+        with self._cv:
+            while True:
+                while self._lines:
+                    line = self._lines.pop(0)
+                    if not line:
+                        raise NetnsError(f"API session in {self.host.name} exited")
+                    answer = json.loads(line)
+                    if answer["id"] == rid:  # older ones answer calls given up on
+                        if "error" in answer:
+                            raise ApiError(answer["error"], kind=answer.get("kind", ""))
+                        return dict(answer["ok"])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NetnsError(f"API session in {self.host.name}: no answer to {method} within {timeout + 5:g} s")
+                self._cv.wait(left)
+
+    def get(self, kind: str, *, addr: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The objects of one kind (pods, nodes, endpoints, ...), as `get KIND -o json`."""
+        return list(self.call("get", kind, addr=addr, timeout=timeout).get(kind, []))
+
+    def exited(self) -> bool:
+        return self._proc.poll() is not None
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+
+    def __enter__(self) -> ApiSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # Hooks on eth0 itself (netdev ingress/egress), not the inet input/output hooks: a drop
 # at the output hook fails the sender's send() with EPERM, which no real network does;
 # at the device a dropped packet simply never arrives. Loopback never passes eth0.
@@ -845,13 +1284,17 @@ table netdev {table} {{
     set cut_to {{ type ipv4_addr; }}
     chain loss_in {{ }}
     chain loss_out {{ }}
+    chain down_in {{ }}
+    chain down_out {{ }}
     chain ingress {{
         type filter hook ingress device "eth0" priority -10; policy accept;
+        jump down_in
         ip saddr @cut_from drop
         jump loss_in
     }}
     chain egress {{
         type filter hook egress device "eth0" priority -10; policy accept;
+        jump down_out
         ip daddr @cut_to drop
         jump loss_out
     }}
@@ -943,6 +1386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="build a cluster and run it until Ctrl-C")
     p_up.add_argument("n", type=int, nargs="?", default=3)
+    p_up.add_argument("--servers", type=int, default=1, help="how many of the hosts are servers (1, 3 or 5)")
     p_up.add_argument("--hosts-only", action="store_true", help="namespaces and links only, no agents")
     p_up.add_argument("--log-level", default="info")
     sub.add_parser("ls", help="list clusters")
@@ -996,7 +1440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    cluster = NetnsCluster(args.n, agents=not args.hosts_only, log_level=args.log_level)
+    cluster = NetnsCluster(args.n, servers=args.servers, agents=not args.hosts_only, log_level=args.log_level)
     try:
         t0 = time.monotonic()
         cluster.up()
