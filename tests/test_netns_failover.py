@@ -388,3 +388,65 @@ def test_two_of_three_servers_down_workloads_serve_and_nothing_is_lost(
         failed = failures(requests)
         say(f"load through {load.host}: {len(requests)} requests, {len(failed)} failed")
         assert failed == [], failed[:5]
+
+
+def packed_manifest(whoami: pathlib.Path, name: str, replicas: int, cpu: str, placement: str) -> str:
+    return f"""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  annotations: {{shoal.io/driver: process, shoal.io/placement: {placement}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+      - name: whoami
+        command: ["{whoami}"]
+        ports: [{{containerPort: 8080}}]
+        resources: {{requests: {{cpu: {cpu}}}}}
+"""
+
+
+def test_placement_respects_capacity_spread_uses_every_host_and_an_impossible_one_says_why(
+    cluster: NetnsCluster, api: ApiSession, whoami: pathlib.Path
+) -> None:
+    """12 replicas whose CPU requests fit 4 per host: spread uses all 5 hosts evenly and
+    no placement puts more on a host than fits; one that fits nowhere is unschedulable,
+    with the reason. (Binpack's colocation penalty keeps one deployment's replicas apart
+    while hosts are free, so its 12 also land on all 5 hosts here.)"""
+    c = cluster
+    c.wait_servers_healthy()
+    wait_nodes_ready(c, api)
+    per_host = min(int(n["capacity"]["cpu_millis"]) for n in api.get("nodes"))
+    cpu = f"{per_host // 4 - 1}m"  # 4 fit on a host, 5 do not
+
+    def placed(name: str) -> list[str] | None:
+        nodes = [p.get("node", "") for p in api.get("pods") if p["name"].startswith(f"{name}-")]
+        return nodes if len(nodes) == 12 and all(nodes) else None
+
+    spreads: dict[str, list[int]] = {}
+    for name, placement in (("packed", "binpack"), ("spreadout", "spread")):
+        r = c.cli("apply", "-f", "-", input=packed_manifest(whoami, name, 12, cpu, placement))
+        assert r.code == 0, r.err
+        nodes = wait_until(lambda name=name: placed(name), 30, interval=0.2, what=f"12 {name} replicas placed")
+        spreads[placement] = sorted(nodes.count(n) for n in set(nodes))
+        assert max(spreads[placement]) <= 4, ("never more than fits", placement, spreads[placement])
+        assert c.cli("delete", "deployment", name).code == 0
+    say(f"12 replicas, 4 fit per host: binpack {spreads['binpack']}, spread {spreads['spread']}")
+    assert spreads["spread"] == [2, 2, 2, 3, 3], spreads
+
+    r = c.cli("apply", "-f", "-", input=packed_manifest(whoami, "huge", 1, f"{per_host * 2}m", "binpack"))
+    assert r.code == 0, r.err
+
+    def unschedulable() -> str:
+        return next((" ".join(d.get("conditions", [])) for d in api.get("deployments") if d["name"] == "huge"), "")
+
+    reason = wait_until(unschedulable, 20, interval=0.2, what="huge to be reported unschedulable")
+    assert f"0/{HOSTS} nodes are available" in reason and "cpu" in reason, reason
+    assert c.cli("delete", "deployment", "huge").code == 0
+    wait_until(lambda: not [p for p in api.get("pods") if p["name"].split("-")[0] in ("packed", "spreadout", "huge")],
+               30, interval=0.2, what="the test's replicas gone")
