@@ -145,6 +145,48 @@ class DevAgent:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def whoami_deployment(whoami: pathlib.Path, name: str, replicas: int, *, placement: str = "") -> str:
+    """A Deployment of `replicas` whoami processes (the process driver, container port
+    8080, answering with their replica id), the workload most end-to-end tests run."""
+    annotations = "    shoal.io/driver: process\n" + (f"    shoal.io/placement: {placement}\n" if placement else "")
+    return f"""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  annotations:
+{annotations}spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+      - name: whoami
+        command: ["{whoami}"]
+        ports:
+        - containerPort: 8080
+"""
+
+
+def service_manifest(name: str, port: int, *, balance: str = "") -> str:
+    """A Service `name` on `port` in front of the pods labelled app=`name` (port 8080)."""
+    annotations = f"  annotations:\n    shoal.io/balance: {balance}\n" if balance else ""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+{annotations}spec:
+  selector: {{app: {name}}}
+  ports:
+  - port: {port}
+    targetPort: 8080
+"""
+
+
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 2.0) -> str:
     """One HTTP/1.0 request on a new connection; returns the body."""
     with socket.create_connection((host, port), timeout=timeout) as s:

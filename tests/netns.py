@@ -97,7 +97,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tests.cluster import CliResult, json_items
+from tests.cluster import CliResult, json_items, service_manifest, whoami_deployment
 from tests.helpers import wait_until
 
 __all__ = [
@@ -335,38 +335,7 @@ def whoami_manifest(whoami: pathlib.Path, *, name: str = "who", replicas: int = 
                     placement: str = "spread") -> str:
     """A Deployment of `replicas` whoami processes (the process driver, container port
     8080) and a Service `name` on `port` in front of them: the multi-host workload."""
-    return f"""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  annotations:
-    shoal.io/driver: process
-    shoal.io/placement: {placement}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports:
-        - containerPort: 8080
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - port: {port}
-    targetPort: 8080
-"""
+    return whoami_deployment(whoami, name, replicas, placement=placement) + "---\n" + service_manifest(name, port)
 
 
 # -- the cluster ------------------------------------------------------------------------

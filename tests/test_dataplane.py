@@ -25,6 +25,7 @@ from shoal.agent.dataplane import FORWARDING_SYSCTLS, KernelDataPlane, Plan, pla
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.model import Algorithm
 from shoal.v1 import types_pb2
+from tests.cluster import whoami_deployment
 from tests.helpers import free_port, wait_until
 
 REMOVE = "table ip shoal\ndelete table ip shoal\n"
@@ -430,28 +431,7 @@ NODE_PORT = 30080
 
 
 def _manifest(whoami: pathlib.Path) -> str:
-    return f"""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: who
-  annotations:
-    shoal.io/driver: process
-    shoal.io/placement: spread
-spec:
-  replicas: 3
-  selector:
-    matchLabels: {{app: who}}
-  template:
-    metadata:
-      labels: {{app: who}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports:
-        - containerPort: 8080
-"""
+    return whoami_deployment(whoami, "who", 3, placement="spread")
 
 
 SERVICE = f"""\

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from tests.cluster import DevAgent, http_get, wait_until
+from tests.cluster import DevAgent, http_get, service_manifest, wait_until, whoami_deployment
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -280,40 +280,9 @@ def process_manifest(name: str, replicas: int, port: int | None = None) -> str:
     Service for it on `port` (none if `port` is None)."""
     whoami = ROOT / "build" / "bin" / "whoami"
     assert whoami.exists(), "scripts/build-images.sh builds build/bin/whoami"
-    text = f"""apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  annotations:
-    shoal.io/driver: process
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports:
-        - containerPort: 8080
-"""
+    text = whoami_deployment(whoami, name, replicas)
     if port is not None:
-        text += f"""---
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  annotations:
-    shoal.io/balance: round_robin
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - port: {port}
-    targetPort: 8080
-"""
+        text += "---\n" + service_manifest(name, port, balance="round_robin")
     return text
 
 

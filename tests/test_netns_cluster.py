@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import json_items
+from tests.cluster import json_items, service_manifest, whoami_deployment
 from tests.helpers import wait_until
 from tests.netns import GRPC_PORT, NetnsCluster, NetnsError, leftovers, process_exists, whoami_binary
 
@@ -34,40 +34,8 @@ def whoami() -> pathlib.Path:
 
 
 def manifest(whoami: pathlib.Path) -> str:
-    return f"""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: who
-  annotations:
-    shoal.io/driver: process
-    shoal.io/placement: spread
-spec:
-  replicas: 3
-  selector:
-    matchLabels: {{app: who}}
-  template:
-    metadata:
-      labels: {{app: who}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports:
-        - containerPort: 8080
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: who
-  annotations:
-    shoal.io/balance: round_robin
-spec:
-  selector: {{app: who}}
-  ports:
-  - port: {SERVICE_PORT}
-    targetPort: 8080
-"""
+    return (whoami_deployment(whoami, "who", 3, placement="spread") + "---\n"
+            + service_manifest("who", SERVICE_PORT, balance="round_robin"))
 
 
 def test_every_agent_registers_with_its_address(netns_cluster: NetnsCluster) -> None:
