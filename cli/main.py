@@ -162,9 +162,7 @@ def agent(
 
     from shoal.logs import configure
 
-    gate = settings_file.LogLevelGate(settings["log_level"])
-    configure(json=settings["log_json"], level="debug")
-    gate.install()
+    gate = configure(json=settings["log_json"], level=settings["log_level"])
 
     def reload() -> Any:
         # The log level is the one setting applied in place; `run` names the others.

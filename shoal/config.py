@@ -35,10 +35,8 @@ into `Settings`: one `Setting(value, source)` per key. `Settings.render` is what
 `shoal agent --print-config` prints: a valid agent.yaml, each line commented with its
 source, so the output can itself become a config file.
 
-Reloading: `LogLevelGate` is the one setting a running agent changes on SIGHUP (see
-`shoal.agent.main.run`). Loggers are bound and cached at start-up, so a new level cannot
-be configured into them; the gate is a structlog processor they all share, holding the
-level, and a reload moves it.
+Reloading: the log level is the one setting a running agent changes on SIGHUP (see
+`shoal.agent.main.run`), through the gate `shoal.logs.configure` returns.
 """
 
 from __future__ import annotations
@@ -46,17 +44,16 @@ from __future__ import annotations
 import difflib
 import enum
 import json
-import logging
 import pathlib
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import structlog
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from shoal.errors import ConfigError
+from shoal.logs import LOG_LEVELS
 
 __all__ = [
     "DEFAULT_PATH",
@@ -65,7 +62,6 @@ __all__ = [
     "ConfigProblem",
     "Key",
     "Kind",
-    "LogLevelGate",
     "Setting",
     "Settings",
     "Source",
@@ -79,7 +75,6 @@ DEFAULT_PATH = pathlib.Path("/etc/shoal/agent.yaml")
 # An agent.yaml is a screenful; anything near this size is the wrong file.
 MAX_FILE_BYTES = 256 * 1024
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DRIVERS = ("docker", "process")
 
 
@@ -537,46 +532,3 @@ def resolve(flags: Mapping[str, Any], path: pathlib.Path | None) -> Settings:
         else:
             items[key.name] = Setting(key=key, value=key.default, source=Source.DEFAULT)
     return Settings(items, path)
-
-
-# --------------------------------------------------------------------------- reloading
-
-
-_METHOD_LEVELS = {
-    "debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO, "warning": logging.WARNING,
-    "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL,
-    "fatal": logging.CRITICAL,
-}
-
-
-@dataclass(slots=True)
-class LogLevelGate:
-    """A structlog processor that drops events below `level`; the one place the agent's
-    log level lives once logging is set up, so a reload can move it (cached and bound
-    loggers share the processor list this sits at the head of)."""
-
-    level: str = "info"
-    _threshold: int = field(default=logging.INFO, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.set(self.level)
-
-    def set(self, level: str) -> None:
-        if level not in LOG_LEVELS:
-            raise ConfigError(f'unknown log level "{level}"; use {_or(LOG_LEVELS)}')
-        self.level = level
-        self._threshold = _METHOD_LEVELS[level]
-
-    def __call__(self, logger: Any, method: str, event: Any) -> Any:
-        if _METHOD_LEVELS.get(method, logging.INFO) < self._threshold:
-            raise structlog.DropEvent
-        return event
-
-    def install(self) -> None:
-        """Put the gate at the head of structlog's processors and let every level reach
-        it (call once, after `shoal.logs.configure`, before any logger is used)."""
-        cfg = structlog.get_config()
-        structlog.configure(
-            processors=[self, *(p for p in cfg["processors"] if not isinstance(p, LogLevelGate))],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        )

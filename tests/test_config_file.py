@@ -14,11 +14,12 @@ from collections.abc import Iterator
 import pytest
 import structlog
 import typer
+from shoal.cli.main import app
 from typer.testing import CliRunner
 
 from shoal import config
-from shoal.cli.main import app
 from shoal.errors import ConfigError
+from shoal.logs import LogLevelGate
 from tests.cluster import DevAgent
 from tests.helpers import wait_until
 
@@ -282,7 +283,7 @@ def structlog_to_buffer() -> Iterator[io.StringIO]:
 
 
 def test_the_log_level_gate_moves_loggers_already_bound(structlog_to_buffer: io.StringIO) -> None:
-    gate = config.LogLevelGate("warning")
+    gate = LogLevelGate("warning")
     gate.install()
     log = structlog.get_logger("x").bind(node="n1")  # bound before the reload, as the agent's are
     log.info("hidden.1")
