@@ -208,6 +208,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         reader = asyncio.create_task(self._read_reports(node, it))
         last_assign: bytes | None = None
         last_tables: bytes | None = None
+        seen = -1  # the state revision last turned into messages
         try:
             while not reader.done():
                 if self._cluster is not None and not self._cluster.is_leader():
@@ -218,16 +219,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     await context.abort(code, message)
                 state = self._store.state
                 revision = state.revision
-                assign = assignments_for(state, self._controller, node, self._term())
-                key = _without_revision(assign)
-                if key != last_assign:
-                    last_assign = key
-                    yield agent_pb2.LeaderMessage(assignments=assign)
-                tables = tables_of(state)
-                tkey = _without_revision(tables)
-                if tkey != last_tables:
-                    last_tables = tkey
-                    yield agent_pb2.LeaderMessage(tables=tables)
+                if revision != seen:
+                    # Wakes without a new revision (the leadership check's) cost nothing.
+                    seen = revision
+                    assign = assignments_for(state, self._controller, node, self._term())
+                    key = _without_revision(assign)
+                    if key != last_assign:
+                        last_assign = key
+                        yield agent_pb2.LeaderMessage(assignments=assign)
+                    tables = tables_of(state)
+                    tkey = _without_revision(tables)
+                    if tkey != last_tables:
+                        last_tables = tkey
+                        yield agent_pb2.LeaderMessage(tables=tables)
                 waiter = asyncio.ensure_future(
                     self._store.wait(revision, timeout=10.0 if self._cluster is None else 0.5))
                 await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
