@@ -284,21 +284,9 @@ class AgentProcess:
         # produced their events under the old leader, or under none: mark them now.
         for m in self.gossip.members():
             if m.state.value in ("dead", "left"):
-                now = time.time()
-
-                def mark(state: ClusterState, name: str = m.name, how: str = m.state.value, now: float = now) -> Txn:
-                    raw = state.get("nodes", name)
-                    if raw is None or raw.get("status") == "Down":
-                        return Txn()
-                    return Txn(ops=(Put(kind="nodes", name=name, value=dict(raw, status="Down", down_since=now)),),
-                               events=(NewEvent(time=now, type="Warning", reason="MemberDead", object=f"node/{name}",
-                                                message=f"gossip: {name} was already {how} when this server "
-                                                        "started leading"),))
-
-                try:
-                    await store.update(mark)
-                except ShoalError as exc:
-                    self.log.warning("agent.membership_not_recorded", member=m.name, error=str(exc))
+                event = NewEvent(time=time.time(), type="Warning", reason="MemberDead", object=f"node/{m.name}",
+                                 message=f"gossip: {m.name} was already {m.state.value} when this server started leading")
+                await self._record_member(store, m.name, event, down=True, only_if_down=True)
         reasons = {"join": ("Normal", "MemberJoined"), "dead": ("Warning", "MemberDead"),
                    "leave": ("Normal", "MemberLeft"), "suspect": ("Warning", "MemberSuspect"),
                    "alive": ("Normal", "MemberAlive")}
@@ -309,23 +297,29 @@ class AgentProcess:
                 continue
             type_, reason = reasons[kind]
             m = ev.member
-            now = time.time()
             event = NewEvent(
-                time=now, type=type_, reason=reason, object=f"node/{m.name}",
+                time=time.time(), type=type_, reason=reason, object=f"node/{m.name}",
                 message=f"gossip: {m.name} at {m.address[0]}:{m.address[1]} is {m.state.value} (incarnation {m.incarnation})")
+            await self._record_member(store, m.name, event, down=kind in ("dead", "leave"))
 
-            def build(state: ClusterState, kind: str = kind, name: str = m.name, event: NewEvent = event,
-                      now: float = now) -> Txn:
-                ops: list[Put] = []
-                raw = state.get("nodes", name)
-                if kind in ("dead", "leave") and raw is not None and raw.get("status") != "Down":
-                    ops.append(Put(kind="nodes", name=name, value=dict(raw, status="Down", down_since=now)))
-                return Txn(ops=tuple(ops), events=(event,))
+    async def _record_member(self, store: Store, name: str, event: NewEvent, *, down: bool,
+                             only_if_down: bool = False) -> None:
+        """Record a membership event; with `down`, the node goes Down (since the event's
+        time) unless it already is. `only_if_down`: nothing at all if it already was."""
 
-            try:
-                await store.update(build)
-            except ShoalError as exc:
-                self.log.warning("agent.membership_not_recorded", member=m.name, error=str(exc))
+        def build(state: ClusterState) -> Txn:
+            raw = state.get("nodes", name)
+            ops: tuple[Put, ...] = ()
+            if down and raw is not None and raw.get("status") != "Down":
+                ops = (Put(kind="nodes", name=name, value=dict(raw, status="Down", down_since=event.time)),)
+            if only_if_down and not ops:
+                return Txn()
+            return Txn(ops=ops, events=(event,))
+
+        try:
+            await store.update(build)
+        except ShoalError as exc:
+            self.log.warning("agent.membership_not_recorded", member=name, error=str(exc))
 
     def members(self) -> list[Any]:
         if self.gossip is None:
