@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from helpers import eventually, free_port
+from runtime_contract import close_ends_changes_and_followers
 from shoal.agent.runtime.base import Observed
 from shoal.errors import ImageNotFound, NotFound, RuntimeDriverError
 from shoal.model import Driver, Resources, RunSpec
@@ -276,30 +277,7 @@ async def _hit_and_seen(port: int | None, received: bytearray) -> bool:
 
 async def test_close_ends_changes_and_followers(node: str) -> None:
     rt = DockerRuntime(node)
-    seen: list[str] = []
-
-    async def watch() -> None:
-        async for replica_id in rt.changes():
-            seen.append(replica_id)
-
-    watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0)  # one loop turn: the watcher is inside changes() now
-    s = spec()
-    await rt.start(s)
-    await eventually(lambda: s.replica_id in seen, what="the start event")
-    followed = bytearray()
-
-    async def follow() -> None:
-        async for chunk in rt.logs(s.replica_id, follow=True):
-            followed.extend(chunk)
-
-    follower = asyncio.create_task(follow())
-    await eventually(lambda: b"listening" in followed, what="the follower to read the log")
-    await rt.close()
-    await asyncio.wait_for(watcher, timeout=5)
-    await asyncio.wait_for(follower, timeout=5)
-    assert follower.exception() is None
-    assert watcher.done() and watcher.exception() is None
+    await close_ends_changes_and_followers(rt, spec())
     assert [r async for r in rt.changes()] == []
 
 

@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 
 from helpers import eventually, free_port, wait_until
+from runtime_contract import close_ends_changes_and_followers
 from shoal.agent.runtime.base import Observed
 from shoal.agent.runtime.process import ProcessRuntime, exit_code_from_returncode
 from shoal.errors import NotFound, RuntimeDriverError
@@ -399,30 +400,8 @@ async def test_a_follower_carries_on_across_a_restart(runtime: ProcessRuntime) -
 
 async def test_close_ends_changes_and_followers(state_dir: pathlib.Path, whoami: str) -> None:
     rt = ProcessRuntime("closer", state_dir)
-    seen: list[str] = []
-
-    async def watch() -> None:
-        async for replica_id in rt.changes():
-            seen.append(replica_id)
-
-    watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0)  # one loop turn: the watcher is inside changes() now
     s = spec((whoami,))
-    await rt.start(s)
-    await eventually(lambda: s.replica_id in seen, what="the start to be announced")
-    followed = bytearray()
-
-    async def follow() -> None:
-        async for chunk in rt.logs(s.replica_id, follow=True):
-            followed.extend(chunk)
-
-    follower = asyncio.create_task(follow())
-    await eventually(lambda: b"listening" in followed, what="the follower to read the log")
-    await rt.close()
-    await asyncio.wait_for(watcher, timeout=5)
-    await asyncio.wait_for(follower, timeout=5)
-    assert follower.exception() is None
-    assert watcher.exception() is None
+    await close_ends_changes_and_followers(rt, s)
     await rt.stop(s.replica_id, timeout=5)
 
 
