@@ -16,10 +16,12 @@ Rules
   free on it.
 - Among feasible nodes the highest score wins. The score is the placement score after
   the replica is added (`binpack_score`: fullest first, so few nodes are used; or
-  `spread_score`: emptiest first) minus `colocation_penalty` for the replicas of the
-  same deployment already on the node (Nomad's job anti-affinity), so three replicas on
-  three equal nodes land on three hosts while binpack still stacks them when there are
-  fewer nodes than replicas. Exact ties are broken by the injected rng.
+  `spread_score`: emptiest first) minus `colocation_penalty` once the node holds its
+  share of the deployment: ⌈n / spread_hosts⌉ of an n-replica deployment (Nomad's job
+  anti-affinity, with a free share). So three replicas on three equal nodes land on
+  three hosts, twelve that fit four to a host fill three hosts under binpack (not one,
+  not five), and binpack still stacks them when there are fewer nodes than that. Exact
+  ties are broken by the injected rng.
 - Replicas are placed one of each deployment per round (see `SchedulerConfig.interleave`)
   and reported in request order.
 - A batch is consistent: every placement reserves its CPU, memory and host port in the
@@ -83,6 +85,7 @@ __all__ = [
     "binpack_score",
     "spread_score",
     "colocation_penalty",
+    "free_share",
     "initial_port_cursor",
     "next_free_port",
     "format_cpu",
@@ -173,14 +176,20 @@ class SchedulerConfig:
     sample_probes: how many random nodes a sample may look at before giving up on
         finding `sample_size` feasible ones (4 x sample_size). When fewer than about one
         node in `sample_probes` fits, the scheduler falls back to a full scan.
-    colocation_penalty: the weight of Nomad's job anti-affinity. A node holding k >= 1
-        replicas of the deployment loses weight x (k + 1) / n, n being the deployment's
-        replicas on nodes plus in the batch (`colocation_penalty()`). Scores lie in
-        [0, 1] and one replica moves the binpack score of a node by at most 0.28, so with
-        weight 1 a deployment of up to 3 replicas (penalty >= 0.67) always lands on
-        distinct hosts when there are enough, while a deployment of hundreds pays about
-        0.01 and binpack still packs it. Nomad uses the same formula, averaged with the
-        binpack score instead of subtracted.
+    colocation_penalty: the weight of Nomad's job anti-affinity. A node already holding
+        its free share of the deployment (k >= ⌈n / spread_hosts⌉ replicas, n being the
+        deployment's replicas on nodes plus in the batch) loses weight x (k + 1) / n
+        (`colocation_penalty()`). Scores lie in [0, 1] and one replica moves the binpack
+        score of a node by at most 0.28, while the penalty at the share is at least
+        1 / spread_hosts, so with weight 1 no host takes more than its share while
+        another host can. Nomad uses the same formula with no free share (every sibling
+        pays), averaged with the binpack score: there a 12-replica job on nodes that fit
+        4 spreads over every node in the cluster, which is spread, not binpack.
+    spread_hosts: how many hosts binpack spreads one deployment over, when it has that
+        many replicas and the hosts exist: a node takes up to ⌈n / spread_hosts⌉ of an
+        n-replica deployment before the colocation penalty applies. 3 means losing one
+        host never costs a deployment more than about a third of its replicas, and a
+        2- or 3-replica deployment gets a host per replica; beyond that binpack packs.
     interleave: place the batch one replica of each deployment per round (the first
         replica of every deployment, then the second, ...) instead of in request order.
         Per-deployment blocks of one request shape make a greedy packer fill nodes in
@@ -196,6 +205,7 @@ class SchedulerConfig:
     sample_size: int = 16
     sample_probes: int = 64
     colocation_penalty: float = 1.0
+    spread_hosts: int = 3
     interleave: bool = True
 
     def validate(self) -> None:
@@ -213,6 +223,8 @@ class SchedulerConfig:
             raise ConfigError("scheduler sample_probes must be at least sample_size")
         if not (self.colocation_penalty >= 0 and math.isfinite(self.colocation_penalty)):
             raise ConfigError("scheduler colocation_penalty must be a finite number >= 0")
+        if self.spread_hosts < 1:
+            raise ConfigError("scheduler spread_hosts must be at least 1")
 
 
 # --------------------------------------------------------------------------- formulas
@@ -235,15 +247,24 @@ def spread_score(free_cpu_fraction: float, free_memory_fraction: float) -> float
     return 1.0 - binpack_score(free_cpu_fraction, free_memory_fraction)
 
 
-def colocation_penalty(siblings: int, deployment_replicas: int, weight: float) -> float:
+def free_share(deployment_replicas: int, spread_hosts: int) -> int:
+    """How many replicas of a deployment a node holds before the penalty applies."""
+    return max(1, -(-deployment_replicas // max(1, spread_hosts)))
+
+
+def colocation_penalty(siblings: int, deployment_replicas: int, weight: float,
+                       spread_hosts: int = 3) -> float:
     """What a node's score loses for holding `siblings` replicas of the same deployment.
 
-    Nomad's job anti-affinity: weight x (siblings + 1) / deployment_replicas once the
-    node holds at least one sibling, i.e. the share of the deployment the node would
-    hold after the placement. A 3-replica deployment pays 0.67 for doubling up, so its
-    replicas land on three hosts; a 200-replica one pays 0.01, so binpack still packs.
+    Nomad's job anti-affinity, weight x (siblings + 1) / deployment_replicas (the share
+    of the deployment the node would hold after the placement), paid once the node
+    holds its free share, ⌈deployment_replicas / spread_hosts⌉. A 3-replica deployment
+    pays 0.67 for doubling up, so its replicas land on three hosts; a 12-replica one
+    stacks 4 to a host for free and pays 0.42 for a fifth.
     """
     if siblings <= 0 or deployment_replicas <= 0:
+        return 0.0
+    if siblings < free_share(deployment_replicas, spread_hosts):
         return 0.0
     return weight * (siblings + 1) / deployment_replicas
 
@@ -743,6 +764,7 @@ class Scheduler:
         explanations: dict[tuple[object, ...], str] = {}
         threshold = self._config.sample_threshold
         weight = self._config.colocation_penalty
+        spread_hosts = self._config.spread_hosts
         dep_counts = st.dep_counts
         totals = batch.deployment_totals
         keys = batch.group_keys
@@ -759,7 +781,7 @@ class Scheduler:
                     for i in group.members:
                         node_groups[i].append(group)
             counts = dep_counts.get(req.deployment)
-            need = _Need(req, counts, weight, totals[req.deployment])
+            need = _Need(req, counts, weight, totals[req.deployment], spread_hosts)
             cpu, mem, port = need.cpu, need.mem, need.port
 
             i = -1
@@ -840,7 +862,7 @@ class Scheduler:
         agrees with the public formulas.
         """
         cpu, mem, port, binpack = need.cpu, need.mem, need.port, need.binpack
-        counts, weight, total = need.counts, need.weight, need.total
+        counts, weight, total, share = need.counts, need.weight, need.total, need.share
         free_cpu = st.free_cpu
         free_mem = st.free_mem
         inv_cpu = st.inv_cpu
@@ -871,7 +893,7 @@ class Scheduler:
                 s = 1.0 - s
             if counts is not None:
                 siblings = counts.get(i, 0)
-                if siblings:
+                if siblings >= share:
                     s -= weight * (siblings + 1) / total
             if s > best:
                 best = s
@@ -891,7 +913,7 @@ class Scheduler:
 class _Need:
     """What one replica asks of a node, unpacked once for the hot loop."""
 
-    __slots__ = ("cpu", "mem", "port", "binpack", "counts", "weight", "total")
+    __slots__ = ("cpu", "mem", "port", "binpack", "counts", "weight", "total", "share")
 
     def __init__(
         self,
@@ -899,6 +921,7 @@ class _Need:
         counts: dict[int, int] | None,
         weight: float,
         total: int,
+        spread_hosts: int,
     ) -> None:
         r = req.requests
         self.cpu = r.cpu_millis or 0
@@ -908,6 +931,7 @@ class _Need:
         self.counts = counts
         self.weight = weight
         self.total = total
+        self.share = free_share(total, spread_hosts)
 
 
 def _normalise(selector: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:

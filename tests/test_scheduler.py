@@ -20,6 +20,7 @@ from shoal.leader.scheduler import (
     SchedulerConfig,
     binpack_score,
     colocation_penalty,
+    free_share,
     explain_node,
     format_cpu,
     format_memory,
@@ -93,13 +94,28 @@ def test_binpack_and_spread_score(fc: float, fm: float, want: float) -> None:
         (0, 3, 1.0, 0.0),  # no sibling, no penalty
         (1, 3, 1.0, 2 / 3),  # Nomad: (collisions + 1) / desired
         (2, 3, 1.0, 1.0),
-        (1, 200, 1.0, 0.01),
+        (1, 200, 1.0, 0.0),  # within its free share, ceil(200 / 3) = 67
+        (66, 200, 1.0, 0.0),
+        (67, 200, 1.0, 0.34),
+        (3, 12, 1.0, 0.0),  # 12 replicas: 4 to a host are free
+        (4, 12, 1.0, 5 / 12),
         (1, 2, 0.5, 0.5),
         (1, 0, 1.0, 0.0),
     ],
 )
 def test_colocation_penalty(siblings: int, replicas: int, weight: float, want: float) -> None:
     assert colocation_penalty(siblings, replicas, weight) == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "spread_hosts", "want"),
+    [(1, 3, 1), (2, 3, 1), (3, 3, 1), (4, 3, 2), (12, 3, 4), (13, 3, 5), (12, 1, 12), (12, 5, 3)],
+)
+def test_free_share(replicas: int, spread_hosts: int, want: int) -> None:
+    assert free_share(replicas, spread_hosts) == want
+    # The penalty starts exactly at the share.
+    assert colocation_penalty(want - 1, replicas, 1.0, spread_hosts) == 0.0
+    assert colocation_penalty(want, replicas, 1.0, spread_hosts) > 0.0
 
 
 @pytest.mark.parametrize(
@@ -162,6 +178,7 @@ def test_format_cpu() -> None:
         ({"sample_size": 8, "sample_probes": 4}, "sample_probes"),
         ({"colocation_penalty": -1.0}, "colocation_penalty"),
         ({"colocation_penalty": math.nan}, "colocation_penalty"),
+        ({"spread_hosts": 0}, "spread_hosts"),
     ],
 )
 def test_config_validate(kw: dict[str, object], word: str) -> None:
@@ -336,6 +353,28 @@ def test_binpack_still_stacks_when_nodes_are_fewer_than_replicas() -> None:
     plan = sched().schedule(nodes, [req(f"r{i}") for i in range(6)])
     assert len(plan.assignments) == 6
     assert sorted(Counter(a.node for a in plan.assignments).values()) == [3, 3]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_twelve_replicas_that_fit_four_to_a_host_fill_three_hosts_under_binpack(seed: int) -> None:
+    """The fewest hosts that hold them (binpack), each holding a third; spread uses all."""
+    nodes = [node(n) for n in "abcde"]
+    reqs = [req(f"r{i}", cpu=900, mem=GI) for i in range(12)]  # 4 x 900m fit in 4000m
+    packed = Counter(a.node for a in sched(seed).schedule(nodes, reqs).assignments)
+    assert sorted(packed.values()) == [4, 4, 4], packed
+    spread = Counter(a.node for a in sched(seed).schedule(
+        nodes, [req(f"r{i}", cpu=900, mem=GI, placement=Placement.SPREAD) for i in range(12)]).assignments)
+    assert sorted(spread.values()) == [2, 2, 2, 3, 3], spread
+
+
+def test_binpack_keeps_a_deployment_on_three_hosts_even_when_one_would_hold_it() -> None:
+    """Roomy hosts: one could take all 12, but losing it would take the service down."""
+    nodes = [node(n, cpu=64000, mem=256 * GI) for n in "abcde"]
+    plan = sched().schedule(nodes, [req(f"r{i}") for i in range(12)])
+    assert sorted(Counter(a.node for a in plan.assignments).values()) == [4, 4, 4]
+    # With spread_hosts=1 the deployment has no free-share limit to respect: one host.
+    plan = sched(spread_hosts=1).schedule(nodes, [req(f"r{i}") for i in range(12)])
+    assert len({a.node for a in plan.assignments}) == 1
 
 
 def test_binpack_packs_different_deployments_onto_one_node() -> None:
