@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import service_manifest
 from tests.helpers import wait_until
 from tests.netns import (
     ApiSession,
@@ -414,15 +415,18 @@ spec:
 def test_placement_respects_capacity_spread_uses_every_host_and_an_impossible_one_says_why(
     cluster: NetnsCluster, api: ApiSession, whoami: pathlib.Path
 ) -> None:
-    """12 replicas whose CPU requests fit 4 per host: spread uses all 5 hosts evenly and
-    no placement puts more on a host than fits; one that fits nowhere is unschedulable,
-    with the reason. (Binpack's colocation penalty keeps one deployment's replicas apart
-    while hosts are free, so its 12 also land on all 5 hosts here.)"""
+    """12 replicas whose CPU requests fit 4 per host: binpack fills 3 hosts (the fewest
+    that hold them), spread uses all 5 evenly, and no placement puts more on a host than
+    fits; one that fits nowhere is unschedulable, with the reason."""
     c = cluster
     c.wait_servers_healthy()
     wait_nodes_ready(c, api)
-    per_host = min(int(n["capacity"]["cpu_millis"]) for n in api.get("nodes"))
-    cpu = f"{per_host // 4 - 1}m"  # 4 fit on a host, 5 do not
+    # What the hosts have left: the service's replicas hold the default request (100m).
+    nodes = api.get("nodes")
+    per_host = min(int(n["capacity"]["cpu_millis"]) - int(n.get("allocated", {}).get("cpu_millis", 0)) for n in nodes)
+    cpu = per_host // 4 - 1  # 4 fit on every host, 5 on none
+    assert all(5 * cpu > int(n["capacity"]["cpu_millis"]) for n in nodes), (cpu, nodes)
+    cpu = f"{cpu}m"
 
     def placed(name: str) -> list[str] | None:
         nodes = [p.get("node", "") for p in api.get("pods") if p["name"].startswith(f"{name}-")]
@@ -437,6 +441,7 @@ def test_placement_respects_capacity_spread_uses_every_host_and_an_impossible_on
         assert max(spreads[placement]) <= 4, ("never more than fits", placement, spreads[placement])
         assert c.cli("delete", "deployment", name).code == 0
     say(f"12 replicas, 4 fit per host: binpack {spreads['binpack']}, spread {spreads['spread']}")
+    assert spreads["binpack"] == [4, 4, 4], spreads
     assert spreads["spread"] == [2, 2, 2, 3, 3], spreads
 
     r = c.cli("apply", "-f", "-", input=packed_manifest(whoami, "huge", 1, f"{per_host * 2}m", "binpack"))
@@ -450,3 +455,156 @@ def test_placement_respects_capacity_spread_uses_every_host_and_an_impossible_on
     assert c.cli("delete", "deployment", "huge").code == 0
     wait_until(lambda: not [p for p in api.get("pods") if p["name"].split("-")[0] in ("packed", "spreadout", "huge")],
                30, interval=0.2, what="the test's replicas gone")
+
+
+PROBE_PERIOD = 1.0
+"""periodSeconds of the probed deployments below."""
+PROBE_BOUND = PROBE_PERIOD + 1.0
+"""A replica whose readiness fails leaves every table within a period plus one second."""
+PROBE_SLACK = 2.0
+"""What the assertion adds to PROBE_BOUND for a shared 2-core machine; the measured
+delay is printed."""
+
+
+def probed_manifest(whoami: pathlib.Path, name: str, replicas: int, port: int, probe: str) -> str:
+    """`replicas` whoami processes with one probe on /healthz, and a Service on `port`."""
+    return f"""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  annotations: {{shoal.io/driver: process, shoal.io/placement: spread}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+      - name: whoami
+        command: ["{whoami}"]
+        ports: [{{containerPort: 8080, name: web}}]
+        {probe}:
+          httpGet: {{path: /healthz, port: web}}
+          periodSeconds: {PROBE_PERIOD:g}
+          timeoutSeconds: 1
+          successThreshold: {2 if probe == "readinessProbe" else 1}
+          failureThreshold: {1 if probe == "readinessProbe" else 2}
+---
+{service_manifest(name, port)}"""
+
+
+def test_failing_readiness_leaves_every_table_and_passing_brings_it_back(
+    cluster: NetnsCluster, api: ApiSession, whoami: pathlib.Path, loads: list[HttpLoad]
+) -> None:
+    """Two replicas behind port 8002, load through two hosts' proxies. One replica's
+    /healthz starts failing (failureThreshold 1): within a period plus a second no proxy
+    sends it a request, and it is not restarted; its /healthz passes again: after two
+    passing probes (successThreshold 2) it is back in the table and the proxies use it."""
+    c = cluster
+    c.wait_servers_healthy()
+    r = c.cli("apply", "-f", "-", input=probed_manifest(whoami, "probed", 2, 8002, "readinessProbe"))
+    assert r.code == 0, r.err
+
+    def both_ready() -> dict[str, dict[str, Any]] | None:
+        ps = {n: p for n, p in pods(api).items() if p["deployment"] == "probed" and p.get("ready")}
+        return ps if len(ps) == 2 and set(table(api, "probed")) == set(ps) else None
+
+    before = wait_until(both_ready, 30, interval=0.2, what="2 probed replicas ready and in the table")
+    sources = [OBSERVER, next(h.name for h in c.hosts if not h.server and h.name != OBSERVER)]
+    for h in sources:
+        loads.append(HttpLoad(c, h, c[h].address, 8002).start())
+    for load in loads:
+        wait_until(lambda load=load: {a for _, a in load.answers()} == set(before), 15, interval=0.05,
+                   what=f"the load through {load.host} to reach both replicas")
+    victim, pod = sorted(before.items())[0]
+
+    t0 = time.monotonic()
+    c.http_get(OBSERVER, pod["host_ip"], pod["host_port"], "/fail")
+    wait_until(lambda: victim not in table(api, "probed"), 15, interval=0.05, what=f"{victim} out of the table")
+    out = time.monotonic() - t0
+    # Let every load run past the bound, then look for a request the victim answered late.
+    deadline = t0 + PROBE_BOUND + PROBE_SLACK
+    for load in loads:
+        wait_until(lambda load=load: any(t > deadline for t, _ in load.answers(t0)), 15, interval=0.05,
+                   what=f"the load through {load.host} to run past the bound")
+    last = max((t for load in loads for t, a in load.answers(t0) if a == victim), default=t0) - t0
+    say(f"readiness failed on {victim}: out of the leader's table after {out:.2f} s, "
+        f"last request it served through a proxy {last:.2f} s after the failure")
+    assert last <= PROBE_BOUND + PROBE_SLACK, f"{victim} still served {last:.2f} s after its readiness failed"
+    assert pods(api)[victim].get("restarts", 0) == pod.get("restarts", 0)  # readiness never restarts
+
+    t1 = time.monotonic()
+    c.http_get(OBSERVER, pod["host_ip"], pod["host_port"], "/recover")
+    wait_until(lambda: victim in table(api, "probed"), 15, interval=0.05, what=f"{victim} back in the table")
+    back = time.monotonic() - t1
+    for load in loads:
+        wait_until(lambda load=load: any(a == victim for _, a in load.answers(t1)), 15, interval=0.05,
+                   what=f"the load through {load.host} to reach {victim} again")
+    say(f"{victim} passes again: back in the table after {back:.2f} s (successThreshold 2, period {PROBE_PERIOD:g} s)")
+    after = pods(api)
+    assert fingerprint({n: after[n] for n in before}) == fingerprint(before)  # same processes throughout
+    for load in loads:
+        requests = load.stop()
+        assert failures(requests) == [], failures(requests)[:5]
+    assert c.cli("delete", "-f", "-", input=probed_manifest(whoami, "probed", 2, 8002, "readinessProbe")).code == 0
+
+
+def test_failing_liveness_restarts_the_replica_in_place(
+    cluster: NetnsCluster, api: ApiSession, whoami: pathlib.Path
+) -> None:
+    c = cluster
+    c.wait_servers_healthy()
+    r = c.cli("apply", "-f", "-", input=probed_manifest(whoami, "lively", 1, 8003, "livenessProbe"))
+    assert r.code == 0, r.err
+
+    def running() -> dict[str, Any] | None:
+        ps = [p for p in pods(api).values() if p["deployment"] == "lively" and p.get("ready")]
+        return ps[0] if len(ps) == 1 and set(table(api, "lively")) == {ps[0]["name"]} else None
+
+    pod = wait_until(running, 30, interval=0.2, what="the lively replica ready")
+    t0 = time.monotonic()
+    c.http_get(OBSERVER, pod["host_ip"], pod["host_port"], "/fail")
+    again = wait_until(lambda: (p := running()) and p.get("restarts", 0) > pod.get("restarts", 0) and p, 30,
+                       interval=0.1, what="the replica restarted by its liveness probe")
+    say(f"liveness failed: restarted and ready again after {time.monotonic() - t0:.2f} s")
+    assert again["name"] == pod["name"] and again["node"] == pod["node"]  # in place, not replaced
+    assert again["container_id"] != pod["container_id"]  # a new process
+    assert c.http_get(OBSERVER, again["host_ip"], again["host_port"], "/healthz").strip() == "ok"
+    assert c.cli("delete", "-f", "-", input=probed_manifest(whoami, "lively", 1, 8003, "livenessProbe")).code == 0
+
+
+def test_drain_moves_every_replica_off_a_host_with_no_failed_request(
+    cluster: NetnsCluster, api: ApiSession, loads: list[HttpLoad]
+) -> None:
+    c = cluster
+    c.wait_servers_healthy()
+    wait_nodes_ready(c, api)
+    before = wait_until(lambda: serving(api), 20, interval=0.2, what="the service to be whole")
+    victim = next(c.host(p["node"]) for p in before.values() if p["node"] != OBSERVER)
+    moved = {n for n, p in before.items() if p["node"] == victim.name}
+    sources = [OBSERVER] + [h.name for h in c.hosts if h is not victim and h.name != OBSERVER][:1]
+    for h in sources:
+        loads.append(HttpLoad(c, h, c[h].address, SERVICE_PORT).start())
+    for load in loads:
+        wait_until(lambda load=load: {a for _, a in load.answers()} == set(before), 15, interval=0.05,
+                   what=f"the load through {load.host} to reach every replica")
+
+    t0 = time.monotonic()
+    r = c.cli("node", "drain", victim.name, "--timeout", "60")
+    assert r.code == 0, r.err
+    drained = time.monotonic() - t0
+    after = wait_until(lambda: serving(api, avoid=victim.name), 20, interval=0.2, what=f"the service whole off {victim}")
+    wait_until(lambda: c.replicas_running(victim) == {}, 20, interval=0.1, what=f"{victim}'s replicas stopped")
+    say(f"drained {victim} ({len(moved)} replica(s)) in {drained:.2f} s")
+    assert not moved & set(after) and len(after) == REPLICAS
+    assert set(after) - (set(after) - set(before)) == set(before) - moved  # the others untouched
+    node = next(n for n in api.get("nodes") if n["name"] == victim.name)
+    assert node.get("cordoned"), node  # a drained node stays cordoned until uncordoned
+    for load in loads:
+        requests = load.stop()
+        failed = failures(requests)
+        say(f"load through {load.host}: {len(requests)} requests, {len(failed)} failed")
+        assert failed == [], failed[:5]
+    assert c.cli("node", "uncordon", victim.name).code == 0
+    wait_nodes_ready(c, api)

@@ -6,6 +6,7 @@
 //	               (in Docker, the container id prefix)
 //	GET /healthz   200 "ok", or 500 "failing" once /fail was called
 //	GET /fail      makes /healthz fail from now on
+//	GET /recover   makes /healthz pass again
 //	GET /exit      answers, then exits with status 1 (a crash)
 //	GET /env?key=K the value of environment variable K ("" if unset)
 //	GET /args      the command-line arguments after argv[0], one per line
@@ -59,6 +60,10 @@ func main() {
 	mux.HandleFunc("/fail", func(w http.ResponseWriter, r *http.Request) {
 		failing.Store(true)
 		fmt.Fprintln(w, "healthz will fail from now on")
+	})
+	mux.HandleFunc("/recover", func(w http.ResponseWriter, r *http.Request) {
+		failing.Store(false)
+		fmt.Fprintln(w, "healthz passes again")
 	})
 	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "exiting with status 1")
