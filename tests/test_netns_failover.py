@@ -391,7 +391,9 @@ def test_two_of_three_servers_down_workloads_serve_and_nothing_is_lost(
         assert failed == [], failed[:5]
 
 
-def packed_manifest(whoami: pathlib.Path, name: str, replicas: int, cpu: str, placement: str) -> str:
+def deployment_manifest(whoami: pathlib.Path, name: str, replicas: int, placement: str, container: str) -> str:
+    """A Deployment of `replicas` whoami processes (container port 8080, named web) whose
+    container also has the fields in `container` (YAML, at the container's indent)."""
     return f"""\
 apiVersion: apps/v1
 kind: Deployment
@@ -407,9 +409,12 @@ spec:
       containers:
       - name: whoami
         command: ["{whoami}"]
-        ports: [{{containerPort: 8080}}]
-        resources: {{requests: {{cpu: {cpu}}}}}
-"""
+        ports: [{{containerPort: 8080, name: web}}]
+{container}"""
+
+
+def packed_manifest(whoami: pathlib.Path, name: str, replicas: int, cpu: str, placement: str) -> str:
+    return deployment_manifest(whoami, name, replicas, placement, f"        resources: {{requests: {{cpu: {cpu}}}}}\n")
 
 
 def test_placement_respects_capacity_spread_uses_every_host_and_an_impossible_one_says_why(
@@ -468,30 +473,14 @@ delay is printed."""
 
 def probed_manifest(whoami: pathlib.Path, name: str, replicas: int, port: int, probe: str) -> str:
     """`replicas` whoami processes with one probe on /healthz, and a Service on `port`."""
-    return f"""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  annotations: {{shoal.io/driver: process, shoal.io/placement: spread}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports: [{{containerPort: 8080, name: web}}]
+    return deployment_manifest(whoami, name, replicas, "spread", f"""\
         {probe}:
           httpGet: {{path: /healthz, port: web}}
           periodSeconds: {PROBE_PERIOD:g}
           timeoutSeconds: 1
           successThreshold: {2 if probe == "readinessProbe" else 1}
           failureThreshold: {1 if probe == "readinessProbe" else 2}
----
-{service_manifest(name, port)}"""
+""") + "---\n" + service_manifest(name, port)
 
 
 def test_failing_readiness_leaves_every_table_and_passing_brings_it_back(
