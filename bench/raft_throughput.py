@@ -3,7 +3,13 @@
 
 Shape: three server processes on loopback (fsync on: SQLite `synchronous=FULL` for
 shoal, etcd's WAL fsync for etcd) and a load generator of C concurrent clients, each
-sending one write at a time to the leader and waiting for the answer. Both clusters are
+sending one write at a time and waiting for the answer. The clients are spread
+round-robin over all three servers of *both* clusters, as etcd's own benchmark tool
+and `etcdctl check perf` spread theirs over every endpoint: a follower forwards the
+write to the leader (etcd: its proposal forwarding; shoal: `RaftStore.commit(...,
+forward=True)`, a batched `MsgProp` on the Raft stream) and answers once the write is
+applied locally. `--target leader` sends every write to the leader instead (the shape
+of earlier runs of this bench), for both clusters alike. Both clusters are
 driven by the *same* Python gRPC client over the same kind of call: a unary
 `Put(key, value)` whose request is etcd's `PutRequest` wire format (field 1 key,
 field 2 value). For etcd that is `etcdserverpb.KV/Put` itself; for shoal it is a
@@ -57,7 +63,8 @@ KV_METHOD_SHOAL = "/shoal.bench.Kv/Put"
 KV_METHOD_ETCD = "/etcdserverpb.KV/Put"
 CLIENTS_PER_CHANNEL = 64
 """Concurrent clients sharing one HTTP/2 connection, as etcd's benchmark tool shares
-one client among many goroutines; 1,000 clients use 16 connections."""
+one client among many goroutines; 1,000 clients spread over 3 servers by 2 load
+processes use 18 connections (3 per server per process)."""
 
 
 # --- a tiny protobuf codec for PutRequest {bytes key = 1; bytes value = 2;} ----------------
@@ -133,14 +140,21 @@ async def serve(args: argparse.Namespace) -> None:
     async def put(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         key, value = parse_put_request(request)
         try:
-            await store.commit(Txn(ops=(Put(kind="nodes", name=key.decode(), value={"v": value.decode()}),)))
+            await store.commit(Txn(ops=(Put(kind="nodes", name=key.decode(), value={"v": value.decode()}),)),
+                               forward=True)
         except NotLeader as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"leader={exc.leader_hint}")
         return b""
 
+    async def is_leader(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"\x01" if store.is_leader else b""
+
     kv = grpc.aio.server()
     kv.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("shoal.bench.Kv", {"Put": grpc.unary_unary_rpc_method_handler(put)}),)
+        (grpc.method_handlers_generic_handler("shoal.bench.Kv", {
+            "Put": grpc.unary_unary_rpc_method_handler(put),
+            "IsLeader": grpc.unary_unary_rpc_method_handler(is_leader),
+        }),)
     )
     kv.add_insecure_port(f"127.0.0.1:{args.kv_port}")
     await store.start()
@@ -220,12 +234,17 @@ class ShoalCluster:
             for addr in self.kv_addrs:
                 async with grpc.aio.insecure_channel(addr) as ch:
                     try:
-                        await ch.unary_unary(self.method)(put_request(b"probe", b"x"), timeout=2)
-                        return addr
+                        if await ch.unary_unary("/shoal.bench.Kv/IsLeader")(b"", timeout=2):
+                            # A first write through it: the leader has committed in its term.
+                            await ch.unary_unary(self.method)(put_request(b"probe", b"x"), timeout=2)
+                            return addr
                     except grpc.aio.AioRpcError:
                         continue
             await asyncio.sleep(0.1)
         raise SystemExit("no shoal leader within 10 s")
+
+    def endpoints(self) -> list[str]:
+        return list(self.kv_addrs)
 
     def stop(self) -> None:
         _stop_all(self.procs)
@@ -254,6 +273,9 @@ class FloorServer:
 
     async def leader(self) -> str:
         return self.addr
+
+    def endpoints(self) -> list[str]:
+        return [self.addr]
 
     def stop(self) -> None:
         _stop_all(self.procs)
@@ -303,6 +325,9 @@ class EtcdCluster:
             await asyncio.sleep(0.2)
         raise SystemExit("no etcd leader within 20 s")
 
+    def endpoints(self) -> list[str]:
+        return list(self.client_addrs)
+
     def stop(self) -> None:
         _stop_all(self.procs)
 
@@ -315,10 +340,24 @@ Cluster = ShoalCluster | EtcdCluster | FloorServer
 
 async def load_worker(args: argparse.Namespace) -> None:
     """One load process: `args.clients` clients on their own channels; prints its
-    latencies (measured window only) as JSON when done."""
+    latencies (measured window only) as JSON when done. Client n of this process is
+    client `first_client + n` of the whole load and talks to endpoint number
+    (first_client + n) mod len(endpoints): round-robin over the servers."""
     clients = args.clients
-    channels = [grpc.aio.insecure_channel(args.addr) for _ in range(max(1, -(-clients // CLIENTS_PER_CHANNEL)))]
-    calls = [ch.unary_unary(args.method) for ch in channels]
+    addrs = args.addr.split(",")
+    mine: list[list[int]] = [[] for _ in addrs]
+    for n in range(clients):
+        mine[(args.first_client + n) % len(addrs)].append(n)
+    channels: list[grpc.aio.Channel] = []
+    call_of: dict[int, grpc.aio.UnaryUnaryMultiCallable] = {}
+    for addr, ns in zip(addrs, mine):
+        if not ns:
+            continue
+        chans = [grpc.aio.insecure_channel(addr) for _ in range(max(1, -(-len(ns) // CLIENTS_PER_CHANNEL)))]
+        channels += chans
+        calls_here = [ch.unary_unary(args.method) for ch in chans]
+        for j, n in enumerate(ns):
+            call_of[n] = calls_here[j % len(calls_here)]
     value = b"v" * args.value_size
     latencies: list[float] = []
     errors = 0
@@ -331,7 +370,7 @@ async def load_worker(args: argparse.Namespace) -> None:
 
     async def client(n: int) -> None:
         nonlocal errors
-        call = calls[n % len(calls)]
+        call = call_of[n]
         while True:
             t0 = time.perf_counter()
             if t0 >= end:
@@ -401,10 +440,12 @@ async def load(cluster: Cluster, addr: str, clients: int, args: argparse.Namespa
     procs_n = max(1, min(args.load_procs, -(-clients // CLIENTS_PER_CHANNEL)))
     shares = [clients // procs_n + (1 if i < clients % procs_n else 0) for i in range(procs_n)]
     start_at = time.time() + 1.5  # time for the load processes to import grpc
+    firsts = [sum(shares[:i]) for i in range(procs_n)]
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, __file__, "load", "--addr", addr, "--method", cluster.method,
-            "--clients", str(share), "--start-at", repr(start_at), "--warmup", str(args.warmup),
+            "--clients", str(share), "--first-client", str(firsts[i]),
+            "--start-at", repr(start_at), "--warmup", str(args.warmup),
             "--duration", str(args.duration), "--value-size", str(args.value_size),
             "--key-space", str(args.key_space), "--seed", str(i),
             stdout=asyncio.subprocess.PIPE, cwd=ROOT,
@@ -445,7 +486,8 @@ async def load(cluster: Cluster, addr: str, clients: int, args: argparse.Namespa
 async def run_cluster(cluster: Cluster, args: argparse.Namespace) -> dict[int, Result]:
     cluster.start()
     try:
-        addr = await cluster.leader()
+        lead = await cluster.leader()
+        addr = lead if args.target == "leader" else ",".join(cluster.endpoints())
         results = {}
         for c in args.clients:
             r = await load(cluster, addr, c, args)
@@ -514,6 +556,7 @@ async def main_async(args: argparse.Namespace) -> None:
     base = pathlib.Path(args.data_root) if args.data_root else None
     print(f"3 servers on loopback, fsync on, {args.duration:g} s measured after {args.warmup:g} s warm-up, "
           f"{args.value_size}-byte values, {args.key_space} keys, {os.cpu_count()} cores, "
+          f"clients to {'every server' if args.target == 'all' else 'the leader'}, "
           f"load generator in up to {args.load_procs} processes", flush=True)
     have_etcd = not args.skip_etcd and ensure_etcd(args.install_etcd)
     if not args.skip_etcd and not have_etcd:
@@ -546,6 +589,7 @@ def main() -> None:
     ld.add_argument("--addr", required=True)
     ld.add_argument("--method", required=True)
     ld.add_argument("--clients", type=int, required=True)
+    ld.add_argument("--first-client", type=int, default=0)
     ld.add_argument("--start-at", type=float, required=True)
     ld.add_argument("--warmup", type=float, required=True)
     ld.add_argument("--duration", type=float, required=True)
@@ -561,6 +605,8 @@ def main() -> None:
     parser.add_argument("--value-size", type=int, default=256)
     parser.add_argument("--key-space", type=int, default=10_000)
     parser.add_argument("--data-root", default=None, help="where the clusters' data dirs go (a disk, not tmpfs)")
+    parser.add_argument("--target", choices=("all", "leader"), default="all",
+                        help="spread clients over every server (default, as etcd's tools do) or send all to the leader")
     parser.add_argument("--skip-etcd", action="store_true", help="measure shoal only")
     parser.add_argument("--python-floor", action="store_true",
                         help="also measure a do-nothing Python gRPC server (the ceiling for any Python server)")

@@ -4,8 +4,8 @@ Rules:
 - Inbound: a servicer (`add_to_server`) checks every batch and snapshot chunk before its
   messages reach the node: the cluster id must be ours (FAILED_PRECONDITION), the
   receiver must be us (FAILED_PRECONDITION), the sender a known member
-  (PERMISSION_DENIED); a malformed message, or a proposal (proposals are local to
-  the leader), is INVALID_ARGUMENT. A rejected stream is
+  (PERMISSION_DENIED); a malformed message is INVALID_ARGUMENT. A follower's
+  forwarded proposals (`MsgProp`) travel like any other message. A rejected stream is
   aborted with a sentence saying which cluster/member it came from, so a misconfigured
   server learns why; nothing of it is stepped, so a forged term from a stranger cannot
   depose a leader.
@@ -39,7 +39,7 @@ import grpc
 import structlog
 
 from shoal.errors import ConfigError
-from shoal.leader.raft.messages import Message, MsgProp, MsgSnap
+from shoal.leader.raft.messages import Message, MsgSnap
 from shoal.leader.raft_convert import (
     SNAPSHOT_CHUNK_SIZE,
     SnapshotAssembler,
@@ -166,13 +166,6 @@ class _Servicer(raft_pb2_grpc.RaftServicer):
                 messages = batch_from_proto(batch)
             except WireError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if any(isinstance(m, MsgProp) for m in messages):
-                # Proposals are local (the core never sends one); a client write reaches
-                # the leader through the API, which knows its session.
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"server {batch.from_id} sent a proposal; proposals never travel between servers",
-                )
             self._t._handler.deliver(messages)
         return raft_pb2.RaftAck()
 

@@ -24,11 +24,29 @@ one fsync covers everything that arrived during the previous one (group commit).
 Rules:
 - `commit(txn)` on the leader proposes a command (client id, seq) and resolves when
   that entry is *applied* here, with the revision it produced; on a follower it raises
-  `NotLeader(leader_hint=…)` — forwarding is the API layer's job (`leader_address`).
+  `NotLeader(leader_hint=…)` — unless the caller passes `forward=True`, below.
   A proposal whose index is later applied with another term was lost in a leadership
   change: `ProposalDropped`. No answer within `request_timeout` is `Unavailable`: the
   write may or may not apply; retrying with the same client id and seq applies it at
   most once (`replicated_state`).
+- `commit(txn, forward=True)` on a follower forwards the command to the leader (the
+  core's `Node.forward`: a `MsgProp` on the Raft stream) and resolves, like on the
+  leader, when the entry is applied *here* — so the answer is linearizable and the
+  revision is visible in `state` when it comes. Forwarding is batched, one batch in
+  flight: after a `MsgProp` leaves, the next waits until the leader has appended
+  something since (a `MsgApp` with entries arrives) or a tick passed, and carries every
+  write that arrived meanwhile — one gRPC message and one append at the leader for all
+  of them (a stream message costs the Python gRPC stack as much CPU as dozens of
+  entries do, so fewer, fuller messages is what raises throughput). Nothing answers a
+  forward, so the store keeps each forwarded command until it applies here and sends
+  it again when a new leader is known, when it became the leader itself (it proposes
+  it), when the transport reports messages to the leader lost, and every
+  `forward_retry` seconds; the command's client id and seq make every
+  copy after the first apply as a duplicate, so a write is applied exactly once
+  whatever the leader changes (and a lost copy is never reported as `ProposalDropped`:
+  another copy may still commit). Without a known leader, forwarded writes wait (up to
+  their deadline) for one. Controllers never forward: a deposed leader's write must
+  fail, not travel.
 - `read_barrier()` is a linearizable read point (ReadIndex): once it returns, `state`
   reflects every write acknowledged before it was called, on a leader or a follower.
   A deposed leader cannot pass it (the core drops its pending reads; the call times out).
@@ -73,6 +91,7 @@ from shoal.leader.raft import (
     Config,
     EntryKind,
     Message,
+    MsgApp,
     Node,
     NotLeader,
     ProposalDropped,
@@ -114,6 +133,15 @@ class RaftStoreConfig:
     """How long `commit` and `read_barrier` wait for their answer before `Unavailable`:
     several election timeouts, so a leader change during the call is ridden out."""
 
+    forward_retry: float = 4.0
+    """Seconds after which a forwarded write not yet applied here is forwarded again.
+    The losses that have a signal are re-sent at once — a leader change, and messages
+    to the leader dropped by the transport (`report_unreachable`) — so this is the last
+    resort for the one without (a leader that dropped proposals during a leadership
+    transfer it then abandoned). Above a saturated cluster's commit latency (1,000
+    waiting clients on 2 cores see 1–3 s), so a slow write is not sent twice and made
+    slower still, and below `request_timeout`, so a lost forward can still commit."""
+
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     def validate(self) -> None:
@@ -125,6 +153,8 @@ class RaftStoreConfig:
             raise ConfigError(f"raft: snapshot_keep must be ≥ 0 entries, got {self.snapshot_keep}")
         if self.request_timeout <= 0:
             raise ConfigError(f"raft: request_timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.forward_retry <= 0:
+            raise ConfigError(f"raft: forward_retry must be > 0 seconds, got {self.forward_retry}")
 
 
 class RaftStore(Store):
@@ -191,6 +221,12 @@ class RaftStore(Store):
         self._deadline_ids = itertools.count()
         self._pending: dict[tuple[str, int], asyncio.Future[Outcome]] = {}
         self._proposals: dict[int, tuple[int, tuple[str, int]]] = {}  # index -> (term, key)
+        # Forwarded writes not yet applied here: key -> [command, loop time last sent];
+        # and the keys to send with the next Ready (ordered, no repeats).
+        self._forwarded: dict[tuple[str, int], list[Any]] = {}
+        self._forward_queue: dict[tuple[str, int], None] = {}
+        # A MsgProp left and the leader has not appended since (nor a tick passed).
+        self._forward_in_flight = False
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._read_ids = itertools.count(1)
         self._lead = NONE
@@ -215,12 +251,14 @@ class RaftStore(Store):
         client_id: str | None = None,
         seq: int | None = None,
         timeout: float | None = None,
+        forward: bool = False,
     ) -> int:
         """Commit `txn` through the log; returns the revision it produced once applied here.
 
         `client_id`/`seq` make a retry safe: the same pair applies at most once, and a
         retry of an applied write returns its original revision. Without them the
-        store's own session numbers the write. Raises `NotLeader` on a follower,
+        store's own session numbers the write. Raises `NotLeader` on a follower (unless
+        `forward`: then the leader is asked to commit it, see the module docstring),
         `ProposalDropped` if leadership moved under the write, `Unavailable` on timeout.
         """
         if not txn:
@@ -245,19 +283,22 @@ class RaftStore(Store):
             fut = self._pending.get(key)
             if fut is None:
                 node = self._require_node()
-                if not node.is_leader:
+                if not node.is_leader and not forward:
                     raise NotLeader(node.lead)
                 first_unacked = self._first_unacked() if own else seq
-                index = node.propose(encode_command(client_id, seq, first_unacked, txn))
+                command = encode_command(client_id, seq, first_unacked, txn)
                 fut = waiter = _future()
                 self._pending[key] = fut
-                replaced = self._proposals.get(index)
-                if replaced is not None:
-                    # An earlier proposal of ours at this index was truncated away by a
-                    # leader of another term (we are leading again): it is lost.
-                    self._drop(replaced[1])
-                self._proposals[index] = (node.term, key)
-                self._wake.set()
+                if node.is_leader:
+                    self._propose_at(node, node.propose(command), key)
+                    self._wake.set()
+                else:
+                    self._forwarded[key] = [command, -1.0]
+                    self._forward_queue[key] = None
+                    if not self._forward_in_flight:
+                        # (Otherwise what opens the window — an append, a tick — wakes
+                        # the loop, which sends this write with the others.)
+                        self._wake.set()
             else:
                 # A retry of a write still in flight: the same outcome, its own deadline.
                 waiter = _future()
@@ -276,6 +317,7 @@ class RaftStore(Store):
                 # must not find that future, but propose again (and apply at most once).
                 if self._pending.get(key) is waiter:
                     del self._pending[key]
+                    self._forwarded.pop(key, None)
                 raise
             except TimeoutError:
                 raise Unavailable(
@@ -286,6 +328,55 @@ class RaftStore(Store):
         finally:
             if own:
                 self._outstanding.discard(seq)
+
+    def _propose_at(self, node: Node, index: int, key: tuple[str, int]) -> None:
+        """Remember that `key` was proposed at `index` in this term."""
+        replaced = self._proposals.get(index)
+        if replaced is not None:
+            # An earlier proposal of ours at this index was truncated away by a
+            # leader of another term (we are leading again): it is lost.
+            self._drop(replaced[1])
+        self._proposals[index] = (node.term, key)
+
+    def _flush_forwards(self, node: Node) -> None:
+        """Send the queued forwarded writes: to the leader in one `MsgProp`, or, if we
+        lead now, propose them here. Without a known leader they stay queued."""
+        queue = self._forward_queue
+        forwarded = self._forwarded
+        keys = [k for k in queue if k in forwarded]
+        if not keys:
+            queue.clear()
+            return
+        if not node.is_leader and (node.lead == NONE or self._forward_in_flight):
+            return
+        queue.clear()
+        now = asyncio.get_running_loop().time()
+        commands = []
+        for k in keys:
+            item = forwarded[k]
+            item[1] = now
+            commands.append(item[0])
+        try:
+            if node.is_leader:
+                last = node.propose_many(commands)
+                for index, k in enumerate(keys, last - len(keys) + 1):
+                    self._propose_at(node, index, k)
+            else:
+                node.forward(commands)
+                self._forward_in_flight = True
+        except (NotLeader, ProposalDropped) as exc:
+            # A transfer under way, or we were removed: try again with the next leader
+            # (or at `forward_retry`); the writes' deadlines still run.
+            self._log.debug("raft.forward_deferred", n=len(keys), error=str(exc))
+
+    def _refresh_forwards(self, now: float) -> None:
+        """Queue again every forwarded write last sent `forward_retry` ago or earlier."""
+        cutoff = now - self.config.forward_retry
+        for key, item in self._forwarded.items():
+            if item[1] <= cutoff:
+                self._forward_queue[key] = None
+        if self._forward_queue:
+            self._wake.set()
 
     def _first_unacked(self) -> int:
         """The lowest of our own seqs still awaiting its answer (amortized O(1): own seqs
@@ -302,8 +393,10 @@ class RaftStore(Store):
             _, _, key, waiter = heapq.heappop(deadlines)
             if not waiter.done():
                 if self._pending.get(key) is waiter:
-                    # A later retry of this write proposes it again.
+                    # A later retry of this write proposes it again; until then nobody
+                    # waits for it, so it is not forwarded again either.
                     del self._pending[key]
+                    self._forwarded.pop(key, None)
                 waiter.set_exception(TimeoutError())
 
     def _result(self, outcome: Outcome) -> int:
@@ -604,13 +697,24 @@ class RaftStore(Store):
         for m in messages:
             try:
                 node.step(m)
-            except ShoalError as exc:  # e.g. a MsgProp from a peer that thinks we lead
+            except ShoalError as exc:
                 self._log.debug("raft.step_refused", src=m.src, error=str(exc))
+            if type(m) is MsgApp and m.entries:
+                # The leader appended since our last forward: send the next batch.
+                self._forward_in_flight = False
         self._wake.set()
 
     def report_unreachable(self, id: int) -> None:
         if self._node is not None and not self._closed:
             self._node.report_unreachable(id)
+            if self._forwarded and id == self._node.lead:
+                # Messages to the leader were lost (a full queue, a broken stream): the
+                # writes we forwarded may be among them, so the next tick sends them all
+                # again. Not at once: the transport reports a full queue from inside
+                # `send`, and an immediate re-send would find it full again, in a loop
+                # that never yields to the pump that drains it.
+                for item in self._forwarded.values():
+                    item[1] = -1.0
             self._wake.set()
 
     def report_snapshot(self, id: int, ok: bool) -> None:
@@ -628,8 +732,11 @@ class RaftStore(Store):
         while not self._closed:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             node.tick()
+            self._forward_in_flight = False
             self._wake.set()
             self._expire_overdue(loop.time())
+            if self._forwarded:
+                self._refresh_forwards(loop.time())
             next_at += interval
             if loop.time() > next_at:
                 # The loop stalled: skip the missed ticks rather than firing them in a
@@ -642,6 +749,8 @@ class RaftStore(Store):
             while not self._stopping:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._forward_queue:
+                    self._flush_forwards(node)
                 while not self._stopping and node.has_ready():
                     rd = node.ready()
                     await self._handle_ready(node, rd)
@@ -726,6 +835,13 @@ class RaftStore(Store):
         if ss.lead != self._lead:
             self._lead = ss.lead
             self._log.info("raft.leader_changed", lead=ss.lead, term=node.term, role=ss.role.name.lower())
+            self._forward_in_flight = False
+            if ss.lead != NONE and self._forwarded:
+                # The old leader may have lost what we forwarded: send it all to the new
+                # one (what did arrive applies once, as a duplicate's answer).
+                for key in self._forwarded:
+                    self._forward_queue[key] = None
+                self._wake.set()
         if ss.role is not Role.LEADER:
             # Proposals in flight may still commit under the new leader; they settle
             # when their index is applied (or time out). Nothing to fail here.
@@ -754,15 +870,25 @@ class RaftStore(Store):
 
     def _settle(self, index: int, term: int, outcome: Outcome | None) -> None:
         if outcome is not None and outcome.client_id:
-            fut = self._pending.pop((outcome.client_id, outcome.seq), None)
-            if fut is not None and not fut.done():
-                fut.set_result(outcome)
+            key = (outcome.client_id, outcome.seq)
+            fut = self._pending.pop(key, None)
+            if fut is not None:
+                if self._forwarded:
+                    self._forwarded.pop(key, None)
+                if not fut.done():
+                    fut.set_result(outcome)
         proposal = self._proposals.pop(index, None)
         if proposal is not None and proposal[0] != term:
             # Our proposal at this index was overwritten by another leader's entry.
             self._drop(proposal[1])
 
     def _drop(self, key: tuple[str, int]) -> None:
+        if key in self._forwarded:
+            # This copy is lost, but another (forwarded earlier) may still commit: only
+            # sending it again is safe, never telling the caller it was dropped.
+            self._forward_queue[key] = None
+            self._wake.set()
+            return
         fut = self._pending.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_exception(ProposalDropped("leadership changed before the write committed; retry"))
@@ -780,8 +906,15 @@ class RaftStore(Store):
                 self._drop(key)
             elif fut is not None:
                 del self._pending[key]
+                self._forwarded.pop(key, None)
                 if not fut.done():
                     fut.set_result(known)
+        # Forwarded writes the snapshot covers are answered by their sessions.
+        for key in [k for k in self._forwarded if self._sm.sessions.lookup(*k) is not None]:
+            del self._forwarded[key]
+            fut = self._pending.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(self._sm.sessions.lookup(*key))
         async with self._changed:
             self._changed.notify_all()
 
@@ -822,6 +955,8 @@ class RaftStore(Store):
                 fut.set_exception(exc)
         self._pending.clear()
         self._proposals.clear()
+        self._forwarded.clear()
+        self._forward_queue.clear()
 
 
 def _pass_on(waiter: asyncio.Future[Any], fut: asyncio.Future[Any]) -> None:

@@ -174,8 +174,9 @@ class KvService:
         async with self._gate:
             pass
         # No await between passing the gate and the proposal inside `commit`.
-        revision = await self.store.commit(txn, client_id=r["client"], seq=r["seq"])
-        return {"ok": True, "revision": revision, **self._role()}
+        forward = bool(r.get("forward"))
+        revision = await self.store.commit(txn, client_id=r["client"], seq=r["seq"], forward=forward)
+        return {"ok": True, "revision": revision, **self._role(), **({"forwarded": True} if forward else {})}
 
     def _role(self) -> dict[str, Any]:
         """Who answered a write: a retry of a write already applied is answered from the
@@ -345,6 +346,9 @@ class Reply:
     from_leader: bool = False
     """Writes: whether the answering server was the leader (a retry of an applied write
     is answered by any server)."""
+    forwarded: bool = False
+    """Puts sent with `forward_via`: the answering server forwarded the write (to the
+    leader, or proposed it, being the leader) and saw it applied."""
 
     @property
     def ok(self) -> bool:
@@ -405,7 +409,9 @@ class KvClient:
 
     Writes go to the leader: a "not_leader" reply redirects to the hint, a transport
     error or a reply without a hint moves to the next server, with a short back-off once
-    every server was tried. A Put is retried with the same seq until it is acknowledged
+    every server was tried. With `forward_via=i`, Puts go to server i instead, which
+    forwards them to the leader (`RaftStore.commit(forward=True)`) and answers once they
+    applied there; on a failure they move to the next server, forwarding still. A Put is retried with the same seq until it is acknowledged
     or `op_timeout` passes (exactly once by the store's sessions); a CAS is retried only
     after definite failures. Reads go to any server (`server=` pins one).
     """
@@ -415,9 +421,10 @@ class KvClient:
     from the client's side."""
 
     def __init__(self, conn: KvConnection, client_id: str, *, op_timeout: float = 5.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, forward_via: int = 0) -> None:
         self.conn = conn
         self.client_id = client_id
+        self.forward_via = forward_via
         self.op_timeout = op_timeout
         self._seq = itertools.count(1)
         self._rng = rng or random.Random()
@@ -432,7 +439,8 @@ class KvClient:
         deadline = time.monotonic() + (timeout if timeout is not None else self.op_timeout)
         uncertain = False
         last_error = ""
-        target = conn.leader or self._rng.choice(conn.ids)
+        forward = bool(body.get("forward"))
+        target = self.forward_via if forward else conn.leader or self._rng.choice(conn.ids)
         tried: set[int] = set()
         while (remaining := deadline - time.monotonic()) > 0:
             if len(tried) >= len(conn.ids):
@@ -453,9 +461,11 @@ class KvClient:
                 continue
             error = reply.get("error")
             if error is None:
-                conn.leader = target
+                if not forward:
+                    conn.leader = target
                 return Reply(Status.OK, reply.get("swapped", reply.get("revision")), target, sent=sent,
-                             term=int(reply.get("term", 0)), from_leader=bool(reply.get("leader")))
+                             term=int(reply.get("term", 0)), from_leader=bool(reply.get("leader")),
+                             forwarded=bool(reply.get("forwarded")))
             last_error = f"server {target}: {error} {reply.get('message', '')}".strip()
             if error == "unknown":
                 uncertain = True
@@ -474,7 +484,9 @@ class KvClient:
         return Reply(Status.UNKNOWN if uncertain else Status.FAIL, None, 0, last_error or "timed out")
 
     async def put(self, key: str, value: str, *, timeout: float | None = None) -> Reply:
-        body = {"key": key, "value": value, "client": self.client_id, "seq": next(self._seq)}
+        body: dict[str, Any] = {"key": key, "value": value, "client": self.client_id, "seq": next(self._seq)}
+        if self.forward_via:
+            body["forward"] = True
         return await self._write("Put", body, retry_unknown=True, timeout=timeout)
 
     async def cas(self, key: str, expected: str | None, value: str, *, timeout: float | None = None) -> Reply:

@@ -191,12 +191,14 @@ class Workload:
 
     conn: KvConnection
     prefix: str
+    forward: bool = False
+    """Puts go to a server of their own per client (round-robin), which forwards them."""
     seed: int = field(default_factory=lambda: random.randrange(1 << 30))
     history: list[Operation] = field(default_factory=list)
     acked_logs: dict[str, str] = field(default_factory=dict)
     write_acks: list[tuple[float, int]] = field(default_factory=list)
-    """(time, server) of every write a leader acknowledged (not retries answered from
-    the sessions by a follower)."""
+    """(time, server) of every write a leader acknowledged, or a server that forwarded it
+    (not retries answered from the sessions by a follower)."""
     counts: dict[Status, int] = field(default_factory=lambda: {s: 0 for s in Status})
 
     def __post_init__(self) -> None:
@@ -217,12 +219,13 @@ class Workload:
         elif reply.ok and inp.kind is OpKind.CAS:
             output = bool(reply.value)
         self.history.append(Operation(client=client, input=inp, call=call, ret=ret, output=output))
-        if reply.ok and reply.from_leader and inp.kind is not OpKind.GET and ret is not None:
+        if reply.ok and (reply.from_leader or reply.forwarded) and inp.kind is not OpKind.GET and ret is not None:
             self.write_acks.append((ret, reply.server))
 
     async def _client(self, n: int) -> None:
         rng = random.Random(self.seed * 100 + n)
-        cl = KvClient(self.conn, f"{self.prefix}-c{n}-{self.seed}", op_timeout=OP_TIMEOUT, rng=rng)
+        via = self.conn.ids[n % len(self.conn.ids)] if self.forward else 0
+        cl = KvClient(self.conn, f"{self.prefix}-c{n}-{self.seed}", op_timeout=OP_TIMEOUT, rng=rng, forward_via=via)
         seen: dict[str, str | None] = {}
         for i in range(MAX_OPS_PER_CLIENT):
             if self._stop.is_set():
@@ -307,8 +310,8 @@ class Workload:
 
 
 @contextlib.asynccontextmanager
-async def running(h: Harness, prefix: str) -> AsyncIterator[Workload]:
-    w = Workload(h.conn, prefix)
+async def running(h: Harness, prefix: str, *, forward: bool = False) -> AsyncIterator[Workload]:
+    w = Workload(h.conn, prefix, forward=forward)
     print(f"workload seed {w.seed}")
     w.start()
     try:
@@ -336,6 +339,26 @@ async def test_leader_killed_and_restarted_under_load(kv: Harness) -> None:
             kv.servers.start(old)
             await kv.servers.caught_up(kv.conn, old, timeout=15.0)
             await w.acked_writes(20, since=time.monotonic())
+    await w.verify(kv)
+
+
+async def test_writes_through_followers_while_the_leader_is_killed(kv: Harness) -> None:
+    # Puts go to every server; followers forward them and re-forward what the killed
+    # leader may have lost. Each must apply once (the history says so) and none that
+    # was acknowledged may be lost.
+    async with running(kv, "fwd", forward=True) as w:
+        await w.acked_writes(20, since=0.0)
+        for _ in range(ROUNDS):
+            old = await kv.leader()
+            killed_at = time.monotonic()
+            kv.servers.kill(old)
+            first = await w.acked_writes(10, since=killed_at, by=lambda s, old=old: s != old)
+            print(f"first write acknowledged through a surviving server {first - killed_at:.3f} s after "
+                  f"kill -9 of {old}")
+            kv.servers.start(old)
+            await kv.servers.caught_up(kv.conn, old, timeout=15.0)
+            await w.acked_writes(20, since=time.monotonic())
+    assert sum(1 for op in w.history if op.input.kind is OpKind.PUT and op.ret is not None) > 40
     await w.verify(kv)
 
 

@@ -18,11 +18,14 @@ from shoal.leader.raft import (
     ConfChangeKind,
     ConfChangeRefused,
     Config,
+    Entry,
+    EntryKind,
     IllegalTransition,
     MemoryStorage,
     MsgApp,
     MsgAppResp,
     MsgHeartbeat,
+    MsgProp,
     MsgSnap,
     MsgTimeoutNow,
     MsgVote,
@@ -139,6 +142,93 @@ def test_follower_rejects_proposals_with_a_leader_hint() -> None:
     with pytest.raises(NotLeader) as err:
         c.node(2).propose(b"x")
     assert err.value.leader_hint == 1
+
+
+# --- proposal forwarding ---------------------------------------------------------------
+
+
+def test_a_follower_forwards_proposals_to_the_leader_in_one_message() -> None:
+    c = elected(Cluster(3), 1)
+    n2 = c.node(2)
+    for i in range(5):
+        assert n2.forward([f"f{i}".encode()]) == 1
+    rd = n2.ready()
+    # Forwarded proposals promise nothing about the follower's disk: they leave early,
+    # merged into one message for everything forwarded since the last Ready.
+    (prop,) = [m for m in rd.early_messages if isinstance(m, MsgProp)]
+    assert prop.dst == 1 and [e.data for e in prop.entries] == [f"f{i}".encode() for i in range(5)]
+    assert not any(isinstance(m, MsgProp) for m in rd.messages)
+    n2.advance(rd)
+    c.queue.append(prop)
+    c.deliver()
+    want = [f"f{i}".encode() for i in range(5)]
+    assert all(c.applied[id] == want for id in (1, 2, 3))
+
+
+def test_forwarding_needs_a_known_leader_and_a_follower() -> None:
+    c = Cluster(3)
+    with pytest.raises(NotLeader) as err:
+        c.node(2).forward([b"x"])
+    assert err.value.leader_hint == NONE
+    elected(c, 1)
+    with pytest.raises(IllegalTransition):
+        c.node(1).forward([b"x"])
+
+
+def test_forwarded_proposals_to_a_non_leader_or_during_a_transfer_are_dropped_quietly() -> None:
+    c = elected(Cluster(3), 1)
+    # A proposal forwarded to a follower (its sender's leader moved on): no entry, no error.
+    c.node(3).step(MsgProp(src=2, dst=3, term=1, entries=(Entry(term=0, index=0, data=b"lost"),)))
+    c.deliver()
+    c.drop = lambda m: isinstance(m, MsgTimeoutNow)
+    c.node(1).transfer_leadership(3)
+    c.deliver()
+    c.node(2).forward([b"during-transfer"])
+    c.deliver()
+    assert all(c.applied[id] == [] for id in (1, 2, 3))
+    # A membership change never travels as a forwarded proposal.
+    cc = Entry(term=0, index=0, kind=EntryKind.CONF_CHANGE,
+               data=ConfChange(kind=ConfChangeKind.REMOVE_NODE, node_id=3).encode())
+    c.tick_all(10)  # the transfer is abandoned
+    c.node(1).step(MsgProp(src=2, dst=1, term=1, entries=(cc,)))
+    c.deliver()
+    assert c.node(1).conf_state().voters == frozenset({1, 2, 3})
+    with pytest.raises(ValueError):
+        c.node(2).raft.forward((cc,))
+
+
+def test_a_forwarded_proposal_delivered_twice_is_appended_twice() -> None:
+    # The core does not deduplicate: that is the state machine's job (client sessions),
+    # which is what makes re-forwarding after a leader change safe.
+    c = elected(Cluster(3), 1)
+    c.drop = None
+    c.node(2).forward([b"once?"])
+    rd = c.node(2).ready()
+    (prop,) = [m for m in rd.early_messages if isinstance(m, MsgProp)]
+    c.node(2).advance(rd)
+    c.queue += [prop, prop]
+    c.deliver()
+    assert c.applied[3] == [b"once?", b"once?"]
+
+
+def test_forwarded_proposals_survive_a_leader_change_when_sent_again() -> None:
+    c = elected(Cluster(3), 1)
+    c.drop = lambda m: isinstance(m, MsgProp)  # lost on the way to the old leader
+    c.node(3).forward([b"w"])
+    c.deliver()
+    c.heal()
+    c.crash(1)
+    c.tick_all(30)  # the lease runs out, 2 or 3 is elected
+    new = c.leader()
+    assert new in (2, 3) and c.node(3).lead == new
+    # The shell sends what it did not see applied again, to the new leader (or proposes
+    # it, if that leader is itself).
+    if new == 3:
+        c.propose(3, b"w")
+    else:
+        c.node(3).forward([b"w"])
+        c.deliver()
+    assert c.applied[2] == c.applied[3] == [b"w"]
 
 
 # --- pre-vote and check-quorum ---------------------------------------------------------

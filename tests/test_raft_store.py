@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import time
-from collections.abc import AsyncIterator
+from dataclasses import replace
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import pytest
 
 from helpers import eventually
 from shoal.errors import Unavailable
-from shoal.leader.raft import NotLeader
+from shoal.leader.raft import Message, MsgProp, Node, NotLeader
 from shoal.leader.raft_transport import SERVER_OPTIONS, TransportConfig
 from shoal.leader.replicated import RaftStore, RaftStoreConfig
 from shoal.leader.state import Put, Txn
@@ -251,3 +252,116 @@ async def test_a_stale_guarded_write_is_refused_as_a_conflict_everywhere(cluster
     rev = await lead.commit(put("after", 3))
     await cluster.converged(rev)
     assert all(s.state.get("nodes", "n") == {"v": 1} for s in cluster.stores.values())
+
+
+# --- forwarding: writes sent to a follower ------------------------------------------------
+
+
+async def test_a_follower_forwards_writes_and_answers_once_they_apply_there(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lead = await cluster.leader()
+    follower = next(s for s in cluster.stores.values() if s is not lead)
+    batches: list[int] = []
+    forward = Node.forward
+
+    def counting(node: Node, datas: list[bytes]) -> int:
+        batches.append(len(datas))
+        return forward(node, datas)
+
+    monkeypatch.setattr(Node, "forward", counting)
+    revs = await asyncio.gather(*(follower.commit(put(f"f{i}", i), forward=True) for i in range(50)))
+    assert sorted(revs) == list(range(1, 51)), "each forwarded write applied exactly once"
+    # Batched: the 50 writes left in a few MsgProps, not one each.
+    assert sum(batches) == 50 and len(batches) <= 5, batches
+    # The answer comes after the follower applied the write: it reads its own writes.
+    assert all(follower.state.get("nodes", f"f{i}") == {"v": i} for i in range(50))
+    await cluster.converged(50)
+    assert lead.state.revision == 50
+    assert not follower._forwarded and not follower._forward_queue
+
+
+async def test_a_write_retried_through_every_server_applies_once(cluster: Cluster) -> None:
+    lead = await cluster.leader()
+    a, b = (s for s in cluster.stores.values() if s is not lead)
+    revs = await asyncio.gather(
+        a.commit(put("x", 1), client_id="api-client", seq=1, forward=True),
+        b.commit(put("x", 1), client_id="api-client", seq=1, forward=True),
+        lead.commit(put("x", 1), client_id="api-client", seq=1),
+        a.commit(put("x", 1), client_id="api-client", seq=1, forward=True),
+    )
+    assert set(revs) == {1}
+    await cluster.converged(1)
+    assert {s.state.revision for s in cluster.stores.values()} == {1}
+
+
+async def test_forwarded_writes_sent_again_and_again_apply_once(tmp_path: pathlib.Path) -> None:
+    # Every tick re-sends every forwarded write not yet applied: the leader appends many
+    # copies, and the sessions must apply each write once.
+    c = Cluster(tmp_path, config=replace(CONFIG, forward_retry=1e-3))
+    await c.start()
+    try:
+        lead = await c.leader()
+        follower = next(s for s in c.stores.values() if s is not lead)
+        revs = await asyncio.gather(*(follower.commit(put(f"d{i}", i), forward=True) for i in range(40)))
+        assert sorted(revs) == list(range(1, 41))
+        await c.converged(40)
+        rev = await lead.commit(put("last"))
+        assert rev == 41, "a duplicate was applied as a new write"
+        assert lead.status().commit > 41 + 3, "the test did not produce duplicate entries"
+    finally:
+        await c.close()
+
+
+async def test_forwarded_writes_survive_a_leader_crash_and_apply_once(cluster: Cluster) -> None:
+    lead = await cluster.leader()
+    follower = next(s for s in cluster.stores.values() if s is not lead)
+    writes = [asyncio.ensure_future(follower.commit(put(f"w{i}", i), forward=True)) for i in range(40)]
+    # Crash the leader as soon as the writes have left the follower: some are in its
+    # log only, some nowhere; the follower must send them again to the next leader.
+    await eventually(lambda: len(follower._forwarded) == 40 and not follower._forward_queue, 5.0, 0.001,
+                     what="40 writes forwarded")
+    await cluster.stop_node(lead.node_id, crash=True)
+    revs = await asyncio.gather(*writes)
+    assert sorted(revs) == list(range(1, 41)), "every forwarded write applied exactly once"
+    new = await cluster.leader()
+    await cluster.converged(40)
+    assert new.state.revision == 40
+    assert all(new.state.get("nodes", f"w{i}") == {"v": i} for i in range(40))
+
+
+async def test_a_follower_without_forwarding_still_refuses(cluster: Cluster) -> None:
+    lead = await cluster.leader()
+    follower = next(s for s in cluster.stores.values() if s is not lead)
+    with pytest.raises(NotLeader):
+        await follower.commit(put("x"))
+    assert not follower._forwarded and not follower._pending
+
+
+async def test_forwarded_writes_lost_by_the_transport_are_sent_again(cluster: Cluster) -> None:
+    lead = await cluster.leader()
+    follower = next(s for s in cluster.stores.values() if s is not lead)
+    # The transport drops every message to the leader for a moment and says so.
+    transport = follower._transport
+    send = transport.send
+    dropping = True
+
+    lost_props: list[MsgProp] = []
+
+    def lossy(messages: Iterable[Message]) -> None:
+        if dropping:
+            lost_props.extend(m for m in messages if isinstance(m, MsgProp))
+            follower.report_unreachable(lead.node_id)
+            return
+        send(messages)
+
+    transport.send = lossy  # type: ignore[method-assign]
+    writes = [asyncio.ensure_future(follower.commit(put(f"l{i}", i), forward=True)) for i in range(10)]
+    await eventually(lambda: sum(len(m.entries) for m in lost_props) >= 10, 5.0, 0.001,
+                     what="the writes forwarded (into the void)")
+    dropping = False
+    # Re-sent at the next tick after the report, well before `forward_retry` (4 s).
+    t0 = time.monotonic()
+    revs = await asyncio.wait_for(asyncio.gather(*writes), 3.0)
+    assert sorted(revs) == list(range(1, 11))
+    print(f"lost forwards re-sent and applied in {time.monotonic() - t0:.3f} s")

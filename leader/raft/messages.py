@@ -9,9 +9,10 @@ Rules:
   its type is looked at; see `raft.py`.
 - An `Entry` is either `NORMAL` (opaque application bytes; empty bytes are the no-op
   a new leader appends) or `CONF_CHANGE` (an encoded `ConfChange`).
-- `MsgProp` is the proposal as a value: `Node.propose` steps one locally. The core does
-  not forward proposals to the leader; the API layer forwards client writes with the
-  `NotLeader.leader_hint`, so a client always learns whether its write was taken.
+- `MsgProp` is the proposal as a value: `Node.propose` steps one locally, and
+  `Node.forward` sends one from a follower to the leader (etcd's proposal forwarding).
+  A forwarded proposal is fire-and-forget: it is answered by the entries being applied,
+  and the forwarding shell re-sends what it did not see applied.
 
 Wire encoding is the transport's job (protobuf, at the edge); only `ConfChange` has a
 byte encoding here, because it travels inside `Entry.data` and must be stable.
@@ -180,7 +181,9 @@ class Message:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MsgProp(Message):
-    """A proposal of new entries (local: `Node.propose` steps it, terms are 0)."""
+    """A proposal of new entries (`Node.propose` steps one locally; a follower's
+    `Node.forward` sends one to the leader). Entry terms and indexes are 0: the leader
+    assigns them."""
 
     entries: tuple[Entry, ...]
 

@@ -4,7 +4,7 @@ The shell's loop (one per server; the simulator's is in sim.py):
 
     node.tick()                      every config.tick_interval seconds
     node.step(msg)                   for every message the transport receives
-    node.propose(data) / read_index(ctx) / propose_conf_change(cc) / transfer_leadership(id)
+    node.propose(data) / forward(datas) / read_index(ctx) / propose_conf_change(cc) / transfer_leadership(id)
     if node.has_ready():
         rd = node.ready()
         ... carry out rd in the order its docstring states ...
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import Config
 from .errors import IllegalTransition
@@ -40,6 +40,7 @@ from .messages import (
     MsgApp,
     MsgAppResp,
     MsgHeartbeat,
+    MsgProp,
     MsgReadIndexResp,
     MsgSnap,
     MsgTimeoutNow,
@@ -53,12 +54,18 @@ from .storage import Storage
 __all__ = ["SoftState", "Ready", "ProgressStatus", "Status", "Node", "outbox"]
 
 
-_EARLY = (MsgApp, MsgHeartbeat, MsgSnap, MsgTimeoutNow, MsgReadIndexResp)
-"""A leader's messages: they promise nothing about the sender's disk (see `Ready`)."""
+_EARLY = (MsgApp, MsgHeartbeat, MsgSnap, MsgTimeoutNow, MsgReadIndexResp, MsgProp)
+"""Messages that promise nothing about the sender's disk (see `Ready`): a leader's, and
+a follower's forwarded proposals."""
 
 
 def outbox(msgs: list[Message]) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
-    """Split `msgs` into (early, after persisting), see `Ready`; merge acknowledgements.
+    """Split `msgs` into (early, after persisting), see `Ready`; merge acknowledgements
+    and forwarded proposals.
+
+    A follower's forwarded proposals to one leader become one `MsgProp` (in the place of
+    the first, entries in their order): one message, and one append at the leader, for
+    everything forwarded between two Readys.
 
     The accepting `MsgAppResp`s to one leader in one term are merged into one: a
     follower that took several appends between two Readys acknowledges them all after
@@ -69,7 +76,14 @@ def outbox(msgs: list[Message]) -> tuple[tuple[Message, ...], tuple[Message, ...
     early: list[Message] = []
     late: list[Message | None] = []
     best: dict[tuple[int, int], int] = {}  # (dst, term) -> position in late
+    props: dict[int, tuple[int, MsgProp, list[Entry]]] = {}  # dst -> (position in early, first, entries)
     for m in msgs:
+        if type(m) is MsgProp:
+            seen = props.get(m.dst)
+            if seen is not None:
+                seen[2].extend(m.entries)
+                continue
+            props[m.dst] = (len(early), m, list(m.entries))
         if isinstance(m, _EARLY):
             early.append(m)
             continue
@@ -84,6 +98,9 @@ def outbox(msgs: list[Message]) -> tuple[tuple[Message, ...], tuple[Message, ...
                     m = prev
             best[key] = len(late)
         late.append(m)
+    for at, prop, entries in props.values():
+        if len(entries) != len(prop.entries):
+            early[at] = replace(prop, entries=tuple(entries))
     return tuple(early), tuple(m for m in late if m is not None)
 
 
@@ -255,6 +272,15 @@ class Node:
     def propose_many(self, datas: list[bytes]) -> int:
         """Append several entries at once; returns the index of the last one."""
         return self.raft.propose(tuple(Entry(term=0, index=0, data=d) for d in datas))
+
+    def forward(self, datas: list[bytes]) -> int:
+        """Follower: send entries to the leader in one `MsgProp`; returns the leader's id.
+
+        Raises `NotLeader(0)` when no leader is known and `IllegalTransition` on the
+        leader (which proposes). No answer comes back: the shell watches for the
+        commands being applied and sends again what was not (see `Raft.forward`).
+        """
+        return self.raft.forward(tuple(Entry(term=0, index=0, data=d) for d in datas))
 
     def propose_conf_change(self, cc: ConfChange) -> int:
         """Propose one membership change; raises `ConfChangeRefused` while one is pending."""

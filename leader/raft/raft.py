@@ -39,6 +39,12 @@ Rules (the Raft paper, thesis and etcd-io/raft, in this module's own words):
   pre-vote and the lease. The transfer is abandoned after election_tick.
 - ReadIndex (readonly.py): reads are confirmed by a heartbeat round after the leader
   has committed an entry of its term; followers forward read requests to the leader.
+- Proposal forwarding (`forward`): a follower sends proposals to the leader it knows
+  in a `MsgProp`; the leader appends them as its own (a `MsgProp` is not subject to the
+  term rules: it carries data, not a claim). A forwarded proposal that reaches a
+  non-leader, a leader handing over, or carries a membership change is dropped without
+  an answer: the core never promises delivery, the forwarding shell re-sends, and the
+  state machine's sessions make a repeated command apply once.
 """
 
 from __future__ import annotations
@@ -396,9 +402,12 @@ class Raft:
     # --- step ------------------------------------------------------------------------
 
     def step(self, m: Message) -> None:
-        """Feed one message. Raises `NotLeader`/`ProposalDropped` only for `MsgProp`."""
+        """Feed one message. Raises `NotLeader`/`ProposalDropped` only for a local `MsgProp`."""
         if isinstance(m, MsgProp):
-            self.propose(m.entries)
+            if m.src in (NONE, self.id):
+                self.propose(m.entries)
+            else:
+                self._step_forwarded(m)
             return
         if m.dst != self.id or m.src == self.id:
             self.logger.warning("raft.misrouted", id=self.id, src=m.src, dst=m.dst)
@@ -738,6 +747,39 @@ class Raft:
         if any(kind is EntryKind.CONF_CHANGE for kind, _ in items):
             self.pending_conf_index = last
         return last
+
+    def forward(self, entries: tuple[Entry, ...]) -> int:
+        """Follower: send proposals to the leader we know, in one `MsgProp`; returns its id.
+
+        Nothing comes back: the proposer learns the outcome when the entries are applied
+        (the state machine's sessions say whose they are), so a proposal lost on the way
+        (a leader change, a full queue) is found by the shell and sent again — which is
+        safe only because every command carries a client id and sequence number.
+        """
+        if self.role is Role.LEADER:
+            raise IllegalTransition("the leader proposes its writes; only a follower forwards them")
+        if self.lead == NONE:
+            raise NotLeader(NONE)
+        if any(e.kind is not EntryKind.NORMAL for e in entries):
+            raise ValueError("only NORMAL entries are forwarded; membership changes are proposed on the leader")
+        self._send(MsgProp(src=self.id, dst=self.lead, term=self.term, entries=entries))
+        return self.lead
+
+    def _step_forwarded(self, m: MsgProp) -> None:
+        """A follower's forwarded proposals: appended if we lead and take proposals, else
+        dropped (the follower sends them again to whoever leads next)."""
+        if m.dst != self.id:
+            self.logger.warning("raft.misrouted", id=self.id, src=m.src, dst=m.dst)
+            return
+        if self.role is not Role.LEADER or any(e.kind is not EntryKind.NORMAL for e in m.entries):
+            self.logger.debug("raft.forwarded_proposal_dropped", id=self.id, src=m.src, n=len(m.entries),
+                              role=self.role.value)
+            return
+        try:
+            self.propose(m.entries)
+        except (NotLeader, ProposalDropped) as exc:
+            self.logger.debug("raft.forwarded_proposal_dropped", id=self.id, src=m.src, n=len(m.entries),
+                              reason=str(exc))
 
     def apply_conf_change(self, cc: ConfChange) -> ConfState:
         """Apply a committed membership change; returns the new membership."""

@@ -15,7 +15,9 @@ What it models:
   and drops messages on blocked links (partitions, one-way or not).
 - Clients run one operation at a time (get, put, compare-and-set on a few keys) with a
   client id and a sequence number so a retried write applies once. Writes go through
-  the log; reads use ReadIndex (on the leader or forwarded by a follower). A request
+  the log (proposed on the leader, or with `forward_writes` forwarded by a follower,
+  which re-forwards what is unanswered on every leader change); reads use ReadIndex
+  (on the leader or forwarded by a follower). A request
   to a crashed node is refused at once (a killed process's port is closed); one that
   gets no answer in time (partition, loss) is retried elsewhere, avoiding servers that
   failed it. The operation is recorded once, from first invocation to the answer, and
@@ -136,6 +138,10 @@ class SimConfig:
     """Entries kept behind a snapshot, so slightly lagging followers avoid a snapshot."""
     membership_changes: bool = False
     """Add each spare as a learner, promote it, then remove an original voter."""
+    forward_writes: bool = False
+    """A follower that knows a leader forwards a client's write to it (`Node.forward`)
+    instead of redirecting the client, answers once the write is applied locally, and
+    forwards its unanswered writes again whenever it learns of a new leader."""
 
     def raft_config(self, id: int, applied: int = 0) -> Config:
         return Config(
@@ -647,6 +653,8 @@ class Simulation:
             self.invariants.on_hard_state(sn.id, rd.hard_state, node)
         for m in rd.messages:
             self._send(m)
+        if self.config.forward_writes and rd.soft_state is not None and rd.soft_state.lead != NONE:
+            self._reforward(sn, node)
         for e in rd.committed_entries:
             self.invariants.on_apply(sn.id, e)
             if e.kind is EntryKind.CONF_CHANGE:
@@ -730,13 +738,36 @@ class Simulation:
                 if session is not None and session[0] == op.seq:
                     self._reply_later(op, attempt, "ok", session[1])  # already applied here
                     return
-                node.propose(encode_command(op.client, op.seq, op.kind, op.key, op.value, op.expected))
+                data = encode_command(op.client, op.seq, op.kind, op.key, op.value, op.expected)
+                if self.config.forward_writes and not node.is_leader:
+                    node.forward([data])  # NotLeader(0) without a leader: the client retries
+                else:
+                    node.propose(data)
                 sn.pending_writes[(op.client, op.seq)] = op
         except NotLeader as e:
             self._reply_later(op, attempt, "redirect", e.leader_hint)
         except ProposalDropped:
             self._reply_later(op, attempt, "redirect", NONE)
         self._after(sn)
+
+    def _reforward(self, sn: _SimNode, node: Node) -> None:
+        """A new leader is known: send every write still waiting here to it again (or
+        propose it, if that leader is us). Some may already be in the log; the
+        sessions apply each once."""
+        datas = [
+            encode_command(op.client, op.seq, op.kind, op.key, op.value, op.expected)
+            for op in sn.pending_writes.values()
+            if not op.done
+        ]
+        if not datas:
+            return
+        try:
+            if node.is_leader:
+                node.propose_many(datas)
+            else:
+                node.forward(datas)
+        except (NotLeader, ProposalDropped):
+            pass  # the clients' own retries cover it
 
     def _reply(self, op: ClientOp, attempt: int, status: str, value: object) -> None:
         if op.done or op.attempt != attempt:
