@@ -14,10 +14,24 @@ port and balances connections over all of them, round robin:
 - HAProxy `mode tcp` and `mode http` (`balance roundrobin`, default keep-alive and
   server-side connection reuse);
 - nginx `stream` (tcp) and `http` proxy (upstream `keepalive`, HTTP/1.1 to the backends);
-- shoal `http`: not implemented yet, shown as such;
+- shoal `http`: the same process with the port's `app_protocol: http` (HTTP parsed,
+  balanced per request, pooled keep-alive connections to the backends);
 - a reference: a minimal forwarder on asyncio protocols and uvloop (round robin and
   nothing else: no retry, no replay, no metrics), what any Python proxy on this loop
-  costs at least — the floor under shoal's own row.
+  costs at least — the floor under shoal's own row;
+- kernel mode (root and `nft`; `--only kernel`): shoal's `KernelDataPlane` given the same
+  table with `dataplane: kernel`, against a hand-written nftables rule set doing the
+  same DNAT (`numgen inc mod N` round robin in the output hook, which is where a
+  loopback client's connections are NATed). There is no proxy process: the kernel does
+  the work in wrk's and the backends' context, so these rows have no proxy CPU, and the
+  target is req/s >= 0.95x the hand-written rules'. Each rule set is installed only
+  while its row is measured, in tables of the bench's own (`ip shoal_bench`, `ip
+  bench_dnat`: a real agent's `ip shoal` is left alone), and removed afterwards whatever
+  happens (SIGTERM included); a leftover of a killed run is removed at the start.
+  Each kernel row balances over backend ports of its own on the same nginx process:
+  in close mode conntrack drops a DNATed SYN whose reply tuple matches a TIME_WAIT
+  entry another row left on a recycled client port (the client then waits a second
+  for its retransmit), which would charge one row for another's traffic.
 
 Every proxy gets one thread (`nbthread 1`, `worker_processes 1`), the same unit of work
 as shoal's single event loop; `--proxy-threads 0` lets HAProxy and nginx size themselves.
@@ -87,7 +101,7 @@ def free_port() -> int:
 # --- the shoal proxy process -------------------------------------------------------------
 
 
-async def serve_shoal(port: int, backends: Sequence[int], metrics: bool) -> None:
+async def serve_shoal(port: int, backends: Sequence[int], metrics: bool, app_protocol: str = "tcp") -> None:
     """Run `ServiceProxy` with one table until SIGTERM: what `--serve-shoal` starts."""
     import logging
     import random
@@ -106,7 +120,7 @@ async def serve_shoal(port: int, backends: Sequence[int], metrics: bool) -> None
                      for i, p in enumerate(backends)]
         await proxy.update([types_pb2.Table(
             service="bench", algorithm="round_robin", version=1, endpoints=endpoints,
-            ports=[types_pb2.ServicePort(port=port, target_port="80", protocol="TCP")])])
+            ports=[types_pb2.ServicePort(port=port, target_port="80", protocol="TCP", app_protocol=app_protocol)])])
         if port not in proxy.routes:
             raise SystemExit(f"the proxy could not listen on 127.0.0.1:{port}")
         print("ready", flush=True)
@@ -220,6 +234,7 @@ def run_child(argv: Sequence[str]) -> None:
     which.add_argument("--serve-forwarder", type=int, metavar="PORT")
     p.add_argument("--backend", type=int, action="append", required=True, metavar="PORT")
     p.add_argument("--no-metrics", action="store_true")
+    p.add_argument("--http", action="store_true", help="serve the port in http mode")
     args = p.parse_args(argv)
     try:
         import uvloop
@@ -228,7 +243,7 @@ def run_child(argv: Sequence[str]) -> None:
     except ImportError:
         print("uvloop is not installed; the proxy runs on the default asyncio loop", file=sys.stderr)
     if args.serve_shoal:
-        asyncio.run(serve_shoal(args.serve_shoal, args.backend, not args.no_metrics))
+        asyncio.run(serve_shoal(args.serve_shoal, args.backend, not args.no_metrics, "http" if args.http else "tcp"))
     else:
         asyncio.run(serve_forwarder(args.serve_forwarder, args.backend))
 
@@ -337,6 +352,90 @@ def haproxy_conf(listen: int, backends: Sequence[int], threads: int, mode: str) 
     )
 
 
+# --- kernel mode: nftables rule sets instead of a process --------------------------------
+
+SHOAL_BENCH_TABLE = "shoal_bench"  # KernelDataPlane's table here (an agent's is `shoal`)
+HAND_TABLE = "bench_dnat"
+
+
+def nft(script: str) -> None:
+    p = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=10)
+    if p.returncode != 0:
+        raise RuntimeError(f"nft refused the rules: {' '.join(p.stderr.split())}")
+
+
+def hand_dnat(listen: int, backends: Sequence[int]) -> str:
+    """The hand-written anchor: one rule in the output hook, round robin over the backends."""
+    targets = ", ".join(f"{i} : 127.0.0.1 . {p}" for i, p in enumerate(backends))
+    return (f"table ip {HAND_TABLE}\ndelete table ip {HAND_TABLE}\n"
+            f"table ip {HAND_TABLE} {{\n"
+            "\tchain output {\n"
+            "\t\ttype nat hook output priority -100; policy accept;\n"
+            f"\t\tip daddr 127.0.0.1 tcp dport {listen} dnat ip to numgen inc mod {len(backends)} map {{ {targets} }}\n"
+            "\t}\n}\n")
+
+
+def kernel_unusable() -> str:
+    """Why the kernel rows cannot run here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "they need root"
+    if shutil.which("nft") is None:
+        return "they need nft (apt-get install nftables)"
+    return ""
+
+
+@dataclass
+class KernelRules:
+    """One kernel-mode row: a rule set DNATing 127.0.0.1:`port` to the backends."""
+
+    name: str
+    port: int
+    backends: list[int]
+
+    def install(self) -> None:
+        if self.name == HAND_KERNEL:
+            nft(hand_dnat(self.port, self.backends))
+        else:
+            asyncio.run(self._shoal())
+        # Nothing listens on the port: a connection that gets through went through DNAT.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+            pass
+
+    async def _shoal(self) -> None:
+        import logging
+
+        import structlog
+
+        from shoal.agent.dataplane import KernelDataPlane
+        from shoal.v1 import types_pb2
+
+        events: list[tuple[str, ...]] = []
+        quiet = structlog.wrap_logger(None, wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        plane = KernelDataPlane(bind_host="127.0.0.1", table=SHOAL_BENCH_TABLE, local_addresses=lambda: ("127.0.0.1",),
+                                on_event=lambda *e: events.append(e), logger=quiet)
+        await plane.start()
+        endpoints = [types_pb2.Endpoint(pod=f"bench-{i}", address="127.0.0.1", port=p, weight=1)
+                     for i, p in enumerate(self.backends)]
+        taken = await plane.update([types_pb2.Table(
+            service="bench", algorithm="round_robin", version=1, endpoints=endpoints, dataplane="kernel",
+            ports=[types_pb2.ServicePort(port=self.port, target_port="80", protocol="TCP")])])
+        if self.port not in taken:
+            raise RuntimeError(f"the kernel data plane did not take port {self.port}: {events}")
+
+    def remove(self) -> None:
+        """Remove the row's table (and whatever a killed run left of it); never raises."""
+        table = HAND_TABLE if self.name == HAND_KERNEL else SHOAL_BENCH_TABLE
+        remove_kernel_tables((table,))
+
+
+def remove_kernel_tables(tables: Sequence[str] = (SHOAL_BENCH_TABLE, HAND_TABLE)) -> None:
+    for table in tables:
+        try:
+            nft(f"table ip {table}\ndelete table ip {table}\n")
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"could not remove nftables table ip {table}: {exc}", file=sys.stderr)
+
+
 # --- what is measured --------------------------------------------------------------------
 
 
@@ -419,6 +518,8 @@ def measure(port: int, pids: Sequence[int], seconds: int, connections: int, mode
 # --- the run -----------------------------------------------------------------------------
 
 DIRECT = "direct (1 backend)"
+SHOAL_KERNEL = "shoal kernel"
+HAND_KERNEL = "nftables dnat"
 # Row name -> (what runs, proxy mode). Rows print in this order.
 ROWS: dict[str, tuple[str, str]] = {
     DIRECT: ("direct", "tcp"),
@@ -427,11 +528,13 @@ ROWS: dict[str, tuple[str, str]] = {
     "python forwarder tcp": ("python", "tcp"),
     "haproxy tcp": ("haproxy", "tcp"),
     "nginx tcp": ("nginx", "tcp"),
+    SHOAL_KERNEL: ("kernel", "tcp"),
+    HAND_KERNEL: ("kernel", "tcp"),
     "shoal http": ("shoal", "http"),
     "haproxy http": ("haproxy", "http"),
     "nginx http": ("nginx", "http"),
 }
-NOT_IMPLEMENTED = {"shoal http"}
+NOT_IMPLEMENTED: set[str] = set()
 # (row, its anchor, whether the T8 target applies to it)
 RATIOS = (("shoal tcp", "haproxy tcp", True), ("shoal tcp, no metrics", "haproxy tcp", False),
           ("shoal http", "haproxy http", True), ("python forwarder tcp", "haproxy tcp", False),
@@ -443,7 +546,7 @@ def proxies(work: pathlib.Path, backends: Sequence[int], threads: int, only: set
     to_backends = [a for b in backends for a in ("--backend", str(b))]
     made: dict[str, Proxy] = {}
     for name, (kind, mode) in ROWS.items():
-        if kind == "direct" or name in NOT_IMPLEMENTED or (only and kind not in only):
+        if kind in ("direct", "kernel") or name in NOT_IMPLEMENTED or (only and kind not in only):
             continue
         port = free_port()
         d = work / name.replace(" ", "-").replace(",", "")
@@ -452,6 +555,8 @@ def proxies(work: pathlib.Path, backends: Sequence[int], threads: int, only: set
             cmd = [sys.executable, here, "--serve-shoal", str(port), *to_backends]
             if "no metrics" in name:
                 cmd.append("--no-metrics")
+            if mode == "http":
+                cmd.append("--http")
         elif kind == "python":
             cmd = [sys.executable, here, "--serve-forwarder", str(port), *to_backends]
         elif kind == "haproxy":
@@ -513,7 +618,8 @@ def main() -> None:
     p.add_argument("--proxy-threads", type=int, default=1,
                    help="HAProxy nbthread and nginx worker_processes (default 1; 0: their own default)")
     p.add_argument("--only", default="",
-                   help="comma-separated: shoal, python, haproxy, nginx (default: all; the direct row always runs)")
+                   help="comma-separated: shoal, python, haproxy, nginx, kernel (default: all; the direct row always "
+                        "runs)")
     p.add_argument("--install", action="store_true", help="apt-get install haproxy, nginx, wrk when missing (root)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                    help="py-spy flame graphs of the shoal rows into DIR (py-spy's sampling adds to their CPU)")
@@ -527,6 +633,12 @@ def main() -> None:
         sys.exit(f"missing: {', '.join(gone)}. Install with\n  apt-get install {' '.join(PACKAGES)}"
                  "   (Debian; or run with --install as root)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
+    kernel_wanted = not only or "kernel" in only
+    if kernel_wanted and (why := kernel_unusable()):
+        print(f"kernel rows skipped: {why}", flush=True)
+        kernel_wanted = False
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks remove rules and stop processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     threads = ("single-threaded" if args.proxy_threads == 1
                else f"with {args.proxy_threads or 'their default number of'} threads")
@@ -542,13 +654,19 @@ def main() -> None:
         script.write_text(WRK_SCRIPT)
         backend_ports = [free_port() for _ in range(args.backends)]
         (work / "backend").mkdir()
-        (work / "backend" / "nginx.conf").write_text(nginx_backend_conf(work / "backend", backend_ports))
+        kernel_backends = {name: [free_port() for _ in range(args.backends)]
+                           for name in (SHOAL_KERNEL, HAND_KERNEL) if kernel_wanted}
+        (work / "backend" / "nginx.conf").write_text(nginx_backend_conf(
+            work / "backend", backend_ports + [p for ports in kernel_backends.values() for p in ports]))
         backend = Proxy("backend", backend_ports[0],
                         ["nginx", "-p", str(work / "backend"), "-e", str(work / "backend" / "error.log"),
                          "-c", str(work / "backend" / "nginx.conf"), "-g", "daemon off;"])
         under_test = proxies(work, backend_ports, args.proxy_threads, only)
+        kernel = {name: KernelRules(name, free_port(), ports) for name, ports in kernel_backends.items()}
         started: list[Proxy] = [backend]
         try:
+            if kernel:
+                remove_kernel_tables()  # what a killed run left
             backend.start(work)
             for px in under_test.values():
                 started.append(px)
@@ -557,21 +675,34 @@ def main() -> None:
                 for mode in MODES:
                     cases: list[tuple[str, int, list[int]]] = [(DIRECT, backend_ports[0], [])]
                     cases += [(px.name, px.port, px.pids) for px in under_test.values()]
+                    # Every round swaps the kernel rows, so neither always runs first.
+                    kernel_cases: list[tuple[str, int, list[int]]] = [(k.name, k.port, []) for k in kernel.values()]
+                    cases += kernel_cases[::-1] if rnd % 2 else kernel_cases
                     for name, port, pids in cases:
                         profile = None
                         if args.profile and ROWS[name][0] == "shoal":
                             args.profile.mkdir(parents=True, exist_ok=True)
                             slug = name.replace(" ", "-").replace(",", "")
                             profile = args.profile / f"{slug}-{mode}-round{rnd + 1}.svg"
-                        r = measure(port, pids, args.seconds, args.connections, mode, script, profile)
+                        rules = kernel.get(name)
+                        if rules is not None:
+                            rules.install()  # only while measured: no row pays for another's rules
+                        try:
+                            r = measure(port, pids, args.seconds, args.connections, mode, script, profile)
+                        finally:
+                            if rules is not None:
+                                rules.remove()
                         results.setdefault((name, mode), []).append(r)
                         print(f"  round {rnd + 1} {mode:>10} {name:<22} {r.rps:9.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
                               f"p99 {r.p99_ms:6.2f} ms  cpu {'-' if r.cpu_us is None else f'{r.cpu_us:.1f}'} us/req  "
                               f"errors {r.errors}", flush=True)
         finally:
+            if kernel:
+                remove_kernel_tables()
             for px in reversed(started):
                 px.stop()
     report(results, args.rounds)
+    report_kernel(results, args.rounds)
 
 
 def report(results: dict[tuple[str, str], list[Result]], rounds: int) -> None:
@@ -617,6 +748,21 @@ def report(results: dict[tuple[str, str], list[Result]], rounds: int) -> None:
                 verdict = "  meets the target" if ok else "  MISSES the target"
             print(f"  {mode:>10} {ours:<22}: req/s {fmt(rps, '.2f')}x  CPU/req {fmt(cpu, '.2f')}x  "
                   f"p99 {fmt(p99, '.2f')}x  vs {theirs}{verdict}")
+
+
+def report_kernel(results: dict[tuple[str, str], list[Result]], rounds: int) -> None:
+    pairs = [(mode, results.get((SHOAL_KERNEL, mode), []), results.get((HAND_KERNEL, mode), [])) for mode in MODES]
+    if not any(ours and theirs for _, ours, theirs in pairs):
+        return
+    print("\nkernel mode: shoal's nftables rules to the hand-written ones (T8 target: req/s >= 0.95x)")
+    for mode, ours, theirs in pairs:
+        rps = [x.rps / y.rps for x, y in zip(ours, theirs) if y.rps]
+        p99 = [x.p99_ms / y.p99_ms for x, y in zip(ours, theirs) if y.p99_ms]
+        if not rps:
+            continue
+        verdict = "meets the target" if statistics.median(rps) >= 0.95 else "MISSES the target"
+        print(f"  {mode:>10} {SHOAL_KERNEL:<22}: req/s {fmt(rps, '.2f')}x  p99 {fmt(p99, '.2f')}x  "
+              f"vs {HAND_KERNEL}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def service_port_pb(p: dict[str, Any]) -> types_pb2.ServicePort:
         target_port=str(p.get("target_port", "")),
         node_port=int(p.get("node_port") or 0),
         protocol=p.get("protocol", "TCP"),
+        app_protocol=p.get("app_protocol", "tcp"),
     )
 
 
@@ -60,6 +61,7 @@ def service_pb(rec: ServiceRecord, spec: ServiceSpec | None, table: TableRecord 
                     target_port=str(sp.target_port),
                     node_port=sp.node_port or 0,
                     protocol=sp.protocol,
+                    app_protocol=sp.app_protocol.value,
                 )
             )
     return msg
@@ -96,6 +98,7 @@ def table_pb(t: TableRecord) -> types_pb2.Table:
         ],
         ports=[service_port_pb(p) for p in t.ports],
         dataplane=t.dataplane,
+        hash_header=t.hash_header,
     )
 
 

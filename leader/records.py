@@ -110,5 +110,6 @@ class TableRecord(_Record):
     algorithm: str
     version: int
     endpoints: list[dict[str, Any]] = field(default_factory=list)  # pod, address, port, weight
-    ports: list[dict[str, Any]] = field(default_factory=list)  # name, port, target_port, node_port, protocol
+    ports: list[dict[str, Any]] = field(default_factory=list)  # name, port, target_port, node_port, protocol, app_protocol
     dataplane: str = "proxy"  # a model.DataPlane value: who carries the service's connections
+    hash_header: str = ""  # consistent_hash on http ports: the request header keyed on

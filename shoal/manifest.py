@@ -21,11 +21,16 @@ Rules
   must be strings (label values and env values included: quote `"8080"`, `"yes"`), CPU
   and memory are Kubernetes quantities (`500m`, `0.5`, `64Mi`, `128M`, `1e3`). A null
   value means the field is absent.
-- shoal's knobs are annotations: `shoal.io/balance` and `shoal.io/dataplane` (Service),
+- shoal's knobs are annotations: `shoal.io/balance`, `shoal.io/dataplane`,
+  `shoal.io/protocol` and `shoal.io/hash-header` (Service),
   `shoal.io/driver` (Deployment or its template), `shoal.io/placement` (Deployment),
   `shoal.io/weight` (template: a positive integer). Any other `shoal.io/` key is an
   error. `shoal.io/dataplane: kernel` takes only the algorithms nftables can pick with
   (`round_robin`, `random`); any other is an error, not a silent downgrade.
+- A service port's proxy mode is its `appProtocol` (`tcp` or `http`), else the Service's
+  `shoal.io/protocol`, else `tcp`. The kernel data plane cannot parse HTTP, so `http`
+  with `shoal.io/dataplane: kernel` is an error. `shoal.io/hash-header` (an HTTP header
+  name) needs `consistent_hash` and at least one `http` port, or it would do nothing.
 - One container per replica. With `shoal.io/driver: process` the image is optional and
   `command` is required; with docker (the default) the image is required.
 - Label-like maps (labels, selectors, annotations, nodeSelector) are sorted by key in
@@ -112,6 +117,7 @@ _PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*")
 _PERCENT = re.compile(r"[0-9]+%")
 _POSITIVE_DECIMAL = re.compile(r"[0-9]+")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 # Docker's reference grammar (distribution/reference), without IPv6 registry hosts.
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -147,7 +153,9 @@ _KNOWN_ANNOTATIONS = (
     model.ANNOTATION_BALANCE,
     model.ANNOTATION_DATAPLANE,
     model.ANNOTATION_DRIVER,
+    model.ANNOTATION_HASH_HEADER,
     model.ANNOTATION_PLACEMENT,
+    model.ANNOTATION_PROTOCOL,
     model.ANNOTATION_WEIGHT,
 )
 
@@ -1366,8 +1374,30 @@ class _Checker:
                 dataplane.append((path, model.DataPlane(choice)))
             return choice
 
+        protocol: list[tuple[_Path, model.AppProtocol]] = []
+        hash_header: list[tuple[_Path, str]] = []
+
+        def app_protocol(path: _Path, value: str) -> object:
+            choice = self.choice(path, value, [a.value for a in model.AppProtocol])
+            if choice is not None:
+                protocol.append((path, model.AppProtocol(choice)))
+            return choice
+
+        def header(path: _Path, value: str) -> object:
+            if len(value) > 64 or not _HEADER_NAME.fullmatch(value):
+                self.error(path, f"must be an HTTP header name (letters, digits and -, at most 64), got {_show(value)}")
+                return None
+            hash_header.append((path, value))
+            return value
+
         name, labels, annotations = self.metadata(
-            doc, {model.ANNOTATION_BALANCE: balance, model.ANNOTATION_DATAPLANE: plane}
+            doc,
+            {
+                model.ANNOTATION_BALANCE: balance,
+                model.ANNOTATION_DATAPLANE: plane,
+                model.ANNOTATION_PROTOCOL: app_protocol,
+                model.ANNOTATION_HASH_HEADER: header,
+            },
         )
         if dataplane and dataplane[0][1] is model.DataPlane.KERNEL and algorithm[0] not in model.KERNEL_ALGORITHMS:
             kernel = [a.value for a in model.Algorithm if a in model.KERNEL_ALGORITHMS]
@@ -1393,7 +1423,26 @@ class _Checker:
         kind: str | None = "ClusterIP"
         if spec.get("type") is not None:
             kind = self.choice((*path, "type"), spec["type"], _SERVICE_TYPES)
-        ports = self.service_ports((*path, "ports"), spec.get("ports"), kind)
+        default_protocol = protocol[0][1] if protocol else model.AppProtocol.TCP
+        ports = self.service_ports((*path, "ports"), spec.get("ports"), kind, default_protocol)
+        if ports is not None and dataplane and dataplane[0][1] is model.DataPlane.KERNEL:
+            for i, sp in enumerate(ports):
+                if sp.app_protocol is model.AppProtocol.HTTP:
+                    where = (*path, "ports", i, "appProtocol") if self._has_app_protocol(spec, i) else protocol[0][0]
+                    self.error(
+                        where,
+                        "http needs the proxy (the kernel data plane forwards TCP and cannot parse HTTP): "
+                        "remove shoal.io/dataplane: kernel, or use tcp",
+                    )
+                    ports = None
+                    break
+        if hash_header and ports is not None:
+            if algorithm[0] is not model.Algorithm.CONSISTENT_HASH:
+                self.error(hash_header[0][0], "only used with shoal.io/balance: consistent_hash")
+                ports = None
+            elif not any(sp.app_protocol is model.AppProtocol.HTTP for sp in ports):
+                self.error(hash_header[0][0], "only used on http ports (set appProtocol: http or shoal.io/protocol: http)")
+                ports = None
         if name is None or labels is None or annotations is None or selector is None or kind is None or ports is None:
             return name, None
         return name, model.ServiceSpec(
@@ -1405,9 +1454,16 @@ class _Checker:
             annotations=annotations,
             algorithm=algorithm[0],
             dataplane=dataplane[0][1] if dataplane else model.DataPlane.PROXY,
+            hash_header=hash_header[0][1] if hash_header else "",
         )
 
-    def service_ports(self, path: _Path, value: object, kind: str | None) -> tuple[model.ServicePort, ...] | None:
+    @staticmethod
+    def _has_app_protocol(spec: dict[str, Any], i: int) -> bool:
+        entries = spec.get("ports")
+        return isinstance(entries, list) and isinstance(entries[i], dict) and entries[i].get("appProtocol") is not None
+
+    def service_ports(self, path: _Path, value: object, kind: str | None,
+                      default_protocol: model.AppProtocol = model.AppProtocol.TCP) -> tuple[model.ServicePort, ...] | None:
         entries = self.items(path, value)
         if entries is None:
             return None
@@ -1421,7 +1477,7 @@ class _Checker:
         before = self.errors
         for i, entry in enumerate(entries):
             p = (*path, i)
-            e = self.mapping(p, entry, ("name", "port", "targetPort", "nodePort", "protocol"))
+            e = self.mapping(p, entry, ("name", "port", "targetPort", "nodePort", "protocol", "appProtocol"))
             if e is None:
                 continue
             name = ""
@@ -1463,8 +1519,13 @@ class _Checker:
                 self.error((*p, "protocol"), "UDP is not supported by shoal yet (the service proxy forwards TCP)")
             elif protocol is not None and protocol != "TCP":
                 self.error((*p, "protocol"), f"must be TCP, got {_show(protocol)}")
+            app_protocol = default_protocol
+            if e.get("appProtocol") is not None:
+                choice = self.choice((*p, "appProtocol"), e["appProtocol"], [a.value for a in model.AppProtocol])
+                app_protocol = model.AppProtocol(choice) if choice is not None else app_protocol
             if port is not None and target is not None:
-                out.append(model.ServicePort(port=port, target_port=target, name=name, node_port=node_port))
+                out.append(model.ServicePort(port=port, target_port=target, name=name, node_port=node_port,
+                                             app_protocol=app_protocol))
         if self.errors > before:
             return None
         return tuple(out)
@@ -1474,6 +1535,8 @@ _MISPLACED = {
     model.ANNOTATION_BALANCE: "applies to a Service, not a Deployment",
     model.ANNOTATION_DATAPLANE: "applies to a Service, not a Deployment",
     model.ANNOTATION_DRIVER: "applies to a Deployment (metadata or spec.template.metadata), not a Service",
+    model.ANNOTATION_HASH_HEADER: "applies to a Service, not a Deployment",
+    model.ANNOTATION_PROTOCOL: "applies to a Service, not a Deployment",
     model.ANNOTATION_PLACEMENT: "belongs in the Deployment's metadata.annotations",
     model.ANNOTATION_WEIGHT: "belongs in the Deployment's spec.template.metadata.annotations (it weighs each replica)",
 }

@@ -32,14 +32,19 @@ __all__ = [
     "ANNOTATION_BALANCE",
     "ANNOTATION_DATAPLANE",
     "ANNOTATION_DRIVER",
+    "ANNOTATION_HASH_HEADER",
     "ANNOTATION_PLACEMENT",
+    "ANNOTATION_PROTOCOL",
+    "AppProtocol",
     "ANNOTATION_WEIGHT",
 ]
 
 ANNOTATION_BALANCE = "shoal.io/balance"
 ANNOTATION_DATAPLANE = "shoal.io/dataplane"
 ANNOTATION_DRIVER = "shoal.io/driver"
+ANNOTATION_HASH_HEADER = "shoal.io/hash-header"
 ANNOTATION_PLACEMENT = "shoal.io/placement"
+ANNOTATION_PROTOCOL = "shoal.io/protocol"
 ANNOTATION_WEIGHT = "shoal.io/weight"
 
 
@@ -60,6 +65,15 @@ class DataPlane(enum.Enum):
 
     PROXY = "proxy"
     KERNEL = "kernel"
+
+
+class AppProtocol(enum.Enum):
+    """What the proxy speaks on a service port (`ports[].appProtocol`, defaulting to the
+    `shoal.io/protocol` annotation): bytes forwarded per connection, or HTTP/1.1 parsed
+    and balanced per request."""
+
+    TCP = "tcp"
+    HTTP = "http"
 
 
 # What nftables can pick with by itself: `numgen inc mod N` (round robin, the seed's
@@ -202,6 +216,7 @@ class ServicePort:
     name: str = ""
     node_port: int | None = None
     protocol: str = "TCP"
+    app_protocol: AppProtocol = AppProtocol.TCP
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,6 +229,9 @@ class ServiceSpec:
     annotations: tuple[tuple[str, str], ...] = ()
     algorithm: Algorithm = Algorithm.ROUND_ROBIN
     dataplane: DataPlane = DataPlane.PROXY
+    # `shoal.io/hash-header`: the request header consistent_hash keys on, on http ports
+    # ("": the client address, as on tcp ports).
+    hash_header: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

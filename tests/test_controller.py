@@ -338,7 +338,8 @@ async def test_tables_list_ready_replicas_sorted_and_version_moves_only_on_chang
     await settle(ctl, store)
     t = table(store)
     assert (t.version, t.endpoints, t.algorithm) == (1, [], "round_robin")
-    assert t.ports == [{"name": "", "port": 80, "target_port": 8080, "node_port": 0, "protocol": "TCP"}]
+    assert t.ports == [{"name": "", "port": 80, "target_port": 8080, "node_port": 0, "protocol": "TCP",
+                        "app_protocol": "tcp"}]
 
     reps = sorted(replicas(store), key=lambda r: r.id)
     # Ready in reverse id order: the table is still sorted by id.

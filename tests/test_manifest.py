@@ -269,6 +269,66 @@ def test_kernel_dataplane_refuses_every_algorithm_nftables_cannot_do(algorithm: 
     assert f"not {algorithm.value}:" in problem
 
 
+def _service(annotations: str = "", port_extra: str = "") -> str:
+    text = SEED_SERVICE
+    if annotations:
+        text = seed_with("  name: hello-world\n", f"  name: hello-world\n  annotations:\n{annotations}", text)
+    if port_extra:
+        text = seed_with("      targetPort: 8080\n", f"      targetPort: 8080\n{port_extra}", text)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("annotations", "port_extra", "app_protocol", "hash_header"),
+    [
+        ("", "", model.AppProtocol.TCP, ""),
+        ("    shoal.io/protocol: http\n", "", model.AppProtocol.HTTP, ""),
+        ("", "      appProtocol: http\n", model.AppProtocol.HTTP, ""),
+        ("    shoal.io/protocol: http\n", "      appProtocol: tcp\n", model.AppProtocol.TCP, ""),  # the port wins
+        ("    shoal.io/protocol: http\n    shoal.io/balance: consistent_hash\n    shoal.io/hash-header: X-User\n",
+         "", model.AppProtocol.HTTP, "X-User"),
+    ],
+)
+def test_service_port_app_protocol_and_hash_header(annotations: str, port_extra: str,
+                                                   app_protocol: model.AppProtocol, hash_header: str) -> None:
+    (doc,) = parse_text(_service(annotations, port_extra), "m.yaml")
+    assert isinstance(doc.spec, model.ServiceSpec)
+    assert [p.app_protocol for p in doc.spec.ports] == [app_protocol]
+    assert doc.spec.hash_header == hash_header
+    assert parse_raw(json.loads(json.dumps(doc.raw))) == doc.spec
+
+
+@pytest.mark.parametrize(
+    ("annotations", "port_extra", "expected"),
+    [
+        ("", "      appProtocol: h2c\n", 'm.yaml:12: spec.ports[0].appProtocol: must be one of tcp, http, got "h2c"'),
+        ("    shoal.io/protocol: HTTP\n", "",
+         'm.yaml:6: metadata.annotations["shoal.io/protocol"]: must be one of tcp, http, got "HTTP"'),
+        ("    shoal.io/dataplane: kernel\n", "      appProtocol: http\n",
+         "m.yaml:14: spec.ports[0].appProtocol: http needs the proxy (the kernel data plane forwards TCP and cannot "
+         "parse HTTP): remove shoal.io/dataplane: kernel, or use tcp"),
+        ("    shoal.io/dataplane: kernel\n    shoal.io/protocol: http\n", "",
+         'm.yaml:7: metadata.annotations["shoal.io/protocol"]: http needs the proxy (the kernel data plane forwards '
+         "TCP and cannot parse HTTP): remove shoal.io/dataplane: kernel, or use tcp"),
+        ("    shoal.io/protocol: http\n    shoal.io/hash-header: X-User\n", "",
+         'm.yaml:7: metadata.annotations["shoal.io/hash-header"]: only used with shoal.io/balance: consistent_hash'),
+        ("    shoal.io/balance: consistent_hash\n    shoal.io/hash-header: X-User\n", "",
+         'm.yaml:7: metadata.annotations["shoal.io/hash-header"]: only used on http ports (set appProtocol: http '
+         "or shoal.io/protocol: http)"),
+        ("    shoal.io/balance: consistent_hash\n    shoal.io/hash-header: X User\n", "",
+         'm.yaml:7: metadata.annotations["shoal.io/hash-header"]: must be an HTTP header name (letters, digits '
+         'and -, at most 64), got "X User"'),
+    ],
+)
+def test_app_protocol_and_hash_header_mistakes(annotations: str, port_extra: str, expected: str) -> None:
+    assert problems(_service(annotations, port_extra)) == [expected]
+
+
+def test_protocol_annotations_belong_to_services() -> None:
+    text = seed_with("  name: hello-world\n", "  name: hello-world\n  annotations:\n    shoal.io/protocol: http\n")
+    assert any('shoal.io/protocol"]: applies to a Service, not a Deployment' in p for p in problems(text))
+
+
 # -------------------------------------------------------------------------- problems
 
 
@@ -282,7 +342,7 @@ def test_a_manifest_with_many_mistakes_reports_all_of_them_with_lines() -> None:
         'starting and ending with a letter or digit), got "Web_App"',
         f'{src}:7: metadata.annotations["shoal.io/balance"]: applies to a Service, not a Deployment',
         f'{src}:8: metadata.annotations["shoal.io/colour"]: unknown shoal annotation '
-        "(known: shoal.io/balance, shoal.io/dataplane, shoal.io/driver, shoal.io/placement, shoal.io/weight)",
+        "(known: shoal.io/balance, shoal.io/dataplane, shoal.io/driver, shoal.io/hash-header, shoal.io/placement, shoal.io/protocol, shoal.io/weight)",
         f"{src}:10: spec.replicas: must be an integer >= 0, got -1",
         f'{src}:18: spec.template.metadata.labels.version: must be a string, got 2 (quote it: "2")',
         f"{src}:23: {c}.imagePullPolicy: field not supported by shoal",

@@ -41,18 +41,20 @@ class Deployment(_message.Message):
     def __init__(self, name: _Optional[str] = ..., generation: _Optional[int] = ..., manifest_json: _Optional[str] = ..., replicas: _Optional[int] = ..., running: _Optional[int] = ..., ready: _Optional[int] = ..., updated: _Optional[int] = ..., image: _Optional[str] = ..., driver: _Optional[str] = ..., created_at: _Optional[float] = ..., conditions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServicePort(_message.Message):
-    __slots__ = ("name", "port", "target_port", "node_port", "protocol")
+    __slots__ = ("name", "port", "target_port", "node_port", "protocol", "app_protocol")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     TARGET_PORT_FIELD_NUMBER: _ClassVar[int]
     NODE_PORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    APP_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     port: int
     target_port: str
     node_port: int
     protocol: str
-    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[str] = ..., node_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+    app_protocol: str
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[str] = ..., node_port: _Optional[int] = ..., protocol: _Optional[str] = ..., app_protocol: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("name", "manifest_json", "type", "ports", "algorithm", "selector", "endpoints", "created_at")
@@ -128,20 +130,22 @@ class Endpoint(_message.Message):
     def __init__(self, pod: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Table(_message.Message):
-    __slots__ = ("service", "algorithm", "version", "endpoints", "ports", "dataplane")
+    __slots__ = ("service", "algorithm", "version", "endpoints", "ports", "dataplane", "hash_header")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
     DATAPLANE_FIELD_NUMBER: _ClassVar[int]
+    HASH_HEADER_FIELD_NUMBER: _ClassVar[int]
     service: str
     algorithm: str
     version: int
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     ports: _containers.RepeatedCompositeFieldContainer[ServicePort]
     dataplane: str
-    def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., dataplane: _Optional[str] = ...) -> None: ...
+    hash_header: str
+    def __init__(self, service: _Optional[str] = ..., algorithm: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., dataplane: _Optional[str] = ..., hash_header: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("name", "address", "role", "status", "cordoned", "capacity", "allocated", "labels", "pods", "last_seen", "version", "draining", "usage", "metrics_port")
