@@ -42,6 +42,7 @@ from shoal.agent.runtime.base import Observed
 from shoal.errors import ShoalError
 from shoal.metadata import LEADER_HINT
 from shoal.model import Driver, Probe, ProbeKind, Resources, RunSpec
+from shoal.table_feed import TableFeed
 from shoal.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 __all__ = ["AgentIdentity", "AgentShell", "probe_from_pb", "run_spec_from_pb"]
@@ -116,8 +117,11 @@ class AgentShell:
         clock: Callable[[], float] = time.time,
         logger: Any = None,
         usage: Callable[[], types_pb2.Usage] | None = None,
+        table_feed: TableFeed | None = None,
     ) -> None:
         self.identity = identity
+        # Where `Control.WatchTable` streams each table set this agent receives from.
+        self.table_feed = table_feed if table_feed is not None else TableFeed()
         # The host's live resource use, sampled for every report (None: not reported).
         self._usage = usage
         # A fixed address (a server talks to itself), or a function that names a server
@@ -441,6 +445,7 @@ class AgentShell:
             return
         self._tables_revision = t.revision
         self.tables = list(t.tables)
+        self.table_feed.publish(self.tables)
         await self.proxy.update(t.tables)
 
 

@@ -1,9 +1,11 @@
 """The `Control` API on a client agent, so `shoal` works on every host.
 
 A client agent holds no state: it answers what only it knows — its gossip view
-(`Members`) and the output of the replicas it runs (`Logs`) — and relays everything else
-to a server found through gossip, which forwards writes to the leader itself. A relayed
-request keeps its deadline; a server's error comes back as it was.
+(`Members`), the output of the replicas it runs (`Logs`) and its copy of the balancing
+tables (`WatchTable`, so a client library following a table costs no server anything) —
+and relays everything else to a server found through gossip, which forwards writes to
+the leader itself. A relayed request keeps its deadline; a server's error comes back as
+it was.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import grpc
 
 from shoal.errors import NotFound, ShoalError
 from shoal.metadata import FORWARDED
-from shoal.v1 import control_pb2, control_pb2_grpc
+from shoal.table_feed import TableFeed
+from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 __all__ = ["ClientControl", "LocalLogs"]
 
@@ -31,10 +34,12 @@ class ClientControl(control_pb2_grpc.ControlServicer):
         server: Callable[[], str | None],
         members: Callable[[], list[Any]],
         local_logs: LocalLogs,
+        tables: TableFeed | None = None,
     ) -> None:
         self._server = server
         self._members = members
         self._local_logs = local_logs
+        self._tables = tables
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def _stub(self, context: grpc.aio.ServicerContext) -> control_pb2_grpc.ControlStub:
@@ -58,6 +63,18 @@ class ClientControl(control_pb2_grpc.ControlServicer):
 
     async def Members(self, request: control_pb2.MembersRequest, context: grpc.aio.ServicerContext) -> control_pb2.MembersResponse:
         return control_pb2.MembersResponse(members=self._members())
+
+    async def WatchTable(self, request: control_pb2.WatchTableRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.Table]:
+        if self._tables is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent holds no copy of the tables")
+            return
+        try:
+            async for table in self._tables.follow(request.service):
+                yield table
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         stub = await self._stub(context)

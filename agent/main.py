@@ -21,40 +21,38 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import shoal
 from shoal.agent.agent import AgentIdentity, AgentShell
 from shoal.agent.client_api import ClientControl
+from shoal.table_feed import TableFeed
 from shoal.agent.gossip import GossipConfig, GossipShell
-from shoal.agent.metrics import DEFAULT_METRICS_PORT, AgentMetrics
+from shoal.agent.metrics import DEFAULT_METRICS_PORT, AgentMetrics, ReplicaUsage
 from shoal.agent.swim.config import Config as SwimConfig
 from shoal.agent.dataplane import KernelDataPlane
 from shoal.agent.proxy import ProxyConfig, ServiceProxy
 from shoal.agent.reconciler import Reconciler
-from shoal.agent.runtime.base import Runtime
+from shoal.agent.runtime.base import Observed, Runtime
 from shoal.agent.runtime.process import ProcessRuntime
 from shoal.errors import ConfigError, NotFound, ShoalError, Unavailable
 from shoal.metadata import FORWARDED
-from shoal.leader.api import ControlService
-from shoal.leader.controller import Controller
-from shoal.leader.dispatcher import AgentService
-from shoal.leader.leader import ControlLoop
-from shoal.leader.records import ReplicaRecord
-from shoal.leader.scheduler import Scheduler, SchedulerConfig
-from shoal.leader.state import ClusterState, NewEvent, Put, Txn
-from shoal.leader.raft_transport import SERVER_OPTIONS
-from shoal.leader.replicated import RaftStore
-from shoal.leader.server import PeerServer, ServerConfig, ServerRole
-from shoal.leader.store import Store
 from shoal.model import Driver, Resources
-from shoal.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, raft_pb2, types_pb2
+from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    # Server-only (Raft, the replicated store and SQLite, the controllers, reflection):
+    # imported where a server starts, so a client agent never loads them (T9).
+    from shoal.leader.records import ReplicaRecord
+    from shoal.leader.replicated import RaftStore
+    from shoal.leader.server import PeerServer, ServerRole
+    from shoal.leader.state import ClusterState, NewEvent, Txn
+    from shoal.leader.store import Store
 
 __all__ = ["AgentConfig", "AgentProcess", "default_data_dir", "run"]
 
@@ -91,6 +89,10 @@ class AgentConfig:
     # so `curl 127.0.0.1:80` works there too) and on loopback only in --dev.
     proxy_bind: str = ""
     drivers: tuple[str, ...] = ("docker", "process")
+    # Placement settings of a server's scheduler (see shoal.leader.scheduler.SchedulerConfig).
+    scheduler_sample_size: int = 16
+    scheduler_sample_threshold: int = 256
+    scheduler_spread_hosts: int = 3
     seed: int | None = None  # fixes replica names and tie-breaks (tests)
     # Held back from scheduling so the host, the agent and its runtime keep room.
     reserve: Resources = field(default_factory=lambda: Resources(cpu_millis=100, memory_bytes=256 * 1024 * 1024))
@@ -110,6 +112,12 @@ class AgentConfig:
             raise ConfigError(f"--metrics-port must be between 0 (off) and 65535, got {self.metrics_port}")
         if not 0 <= self.gossip_port < 65536:
             raise ConfigError(f"--gossip-port must be between 1 and 65535, got {self.gossip_port}")
+        if self.scheduler_sample_size < 1:
+            raise ConfigError(f"--scheduler-sample-size must be at least 1, got {self.scheduler_sample_size}")
+        if self.scheduler_sample_threshold < 0:
+            raise ConfigError(f"--scheduler-sample-threshold must be 0 or more, got {self.scheduler_sample_threshold}")
+        if self.scheduler_spread_hosts < 1:
+            raise ConfigError(f"--scheduler-spread-hosts must be at least 1, got {self.scheduler_spread_hosts}")
         if self.bootstrap_expect and not self.server:
             raise ConfigError("--bootstrap-expect is for servers: add --server")
         if self.bootstrap_expect < 0 or self.bootstrap_expect > 9:
@@ -190,6 +198,8 @@ class AgentProcess:
         self._meta: dict[str, str] = {}
         self._server_turn = -1
         self.shell: AgentShell | None = None
+        # The tables the shell receives, served by the Control API (WatchTable), which starts first.
+        self.table_feed = TableFeed()
         self.gossip: GossipShell | None = None
         self.runtimes: dict[Driver, Runtime] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -257,6 +267,8 @@ class AgentProcess:
 
     def _peer_servers(self) -> list[PeerServer]:
         """Servers in the gossip view that announce a Raft identity."""
+        from shoal.leader.server import PeerServer
+
         if self.gossip is None:
             return []
         out = []
@@ -278,6 +290,8 @@ class AgentProcess:
 
     async def _record_membership(self, store: Store) -> None:
         """Membership changes become cluster events (and a dead host's node goes Down)."""
+        from shoal.leader.state import NewEvent
+
         assert self.gossip is not None
         queue = self.gossip.subscribe()
         # Members that died before this server started leading (around a leader change)
@@ -306,6 +320,7 @@ class AgentProcess:
                              only_if_down: bool = False) -> None:
         """Record a membership event; with `down`, the node goes Down (since the event's
         time) unless it already is. `only_if_down`: nothing at all if it already was."""
+        from shoal.leader.state import Put, Txn
 
         def build(state: ClusterState) -> Txn:
             raw = state.get("nodes", name)
@@ -334,8 +349,27 @@ class AgentProcess:
         return out
 
     async def _start_server(self) -> None:
+        from grpc_reflection.v1alpha import reflection
+
+        from shoal.leader.api import ControlService
+        from shoal.leader.controller import Controller
+        from shoal.leader.dispatcher import AgentService
+        from shoal.leader.leader import ControlLoop
+        from shoal.leader.raft_transport import SERVER_OPTIONS
+        from shoal.leader.scheduler import Scheduler, SchedulerConfig
+        from shoal.leader.server import ServerConfig, ServerRole
+        from shoal.v1 import agent_pb2, agent_pb2_grpc, raft_pb2
+
         cfg = self.config
-        controller = Controller(Scheduler(SchedulerConfig(), random.Random(self.rng.random())), random.Random(self.rng.random()))
+        placement = SchedulerConfig(
+            sample_size=cfg.scheduler_sample_size,
+            sample_threshold=cfg.scheduler_sample_threshold,
+            # A sample may probe 4 nodes per slot before falling back to a full scan.
+            sample_probes=4 * cfg.scheduler_sample_size,
+            spread_hosts=cfg.scheduler_spread_hosts,
+        )
+        placement.validate()
+        controller = Controller(Scheduler(placement, random.Random(self.rng.random())), random.Random(self.rng.random()))
 
         async def control_loop(store: RaftStore) -> None:
             await ControlLoop(store, controller).run()
@@ -353,7 +387,8 @@ class AgentProcess:
         # pings accepted (gRPC's default answers frequent pings with GOAWAY).
         server = grpc.aio.server(options=SERVER_OPTIONS)
         control_pb2_grpc.add_ControlServicer_to_server(
-            ControlService(store, controller, log_source=self._logs, members=self.members, cluster=role), server
+            ControlService(store, controller, log_source=self._logs, members=self.members, cluster=role,
+                           tables=self.table_feed), server
         )
         agent_pb2_grpc.add_AgentServicer_to_server(
             AgentService(store, controller, term=lambda: role.store.term if role.store else 0, cluster=role), server)
@@ -435,7 +470,8 @@ class AgentProcess:
             role = self.role
             leader = lambda: role.leader_address() or self._server_address()  # noqa: E731
         data_dir = self.data_dir
-        self.shell = AgentShell(identity, leader, reconciler, proxy, usage=lambda: host_usage(data_dir))
+        self.shell = AgentShell(identity, leader, reconciler, proxy, usage=lambda: host_usage(data_dir),
+                                table_feed=self.table_feed)
         shell_ref.append(self.shell)
         self._tasks.append(asyncio.create_task(self.shell.run(), name="agent-shell"))
         await self._start_metrics()
@@ -455,6 +491,27 @@ class AgentProcess:
 
         m.add_gauges("shoal_replicas", "Replicas this agent runs, by state (ready, running, starting, exited, failed).",
                      ("state",), replicas)
+
+        def replica_usage() -> list[ReplicaUsage]:
+            # What the reconciler last observed running (at most one resync old); a
+            # replica gone since then has no cgroup or process left to read, so its
+            # series go with it.
+            running: dict[Driver, list[Observed]] = {}
+            for obs in shell.reconciler.observed.values():
+                if obs.running:
+                    running.setdefault(obs.driver, []).append(obs)
+            rows = []
+            for driver, observed in running.items():
+                runtime = self.runtimes.get(driver)
+                usages = runtime.usages(observed) if runtime is not None else {}
+                for o in observed:
+                    u = usages.get(o.replica_id)
+                    if u is not None:
+                        rows.append(ReplicaUsage(deployment=o.deployment, replica=o.replica_id,
+                                                 cpu_seconds=u.cpu_seconds, memory_bytes=u.memory_bytes))
+            return sorted(rows, key=lambda r: r.replica)
+
+        m.add_replica_usage(replica_usage)
 
         def members() -> list[tuple[tuple[str, ...], float]]:
             counts: dict[str, int] = {}
@@ -515,7 +572,7 @@ class AgentProcess:
         cfg = self.config
         server = grpc.aio.server()
         control_pb2_grpc.add_ControlServicer_to_server(
-            ClientControl(self._server_address, self.members, self._local_logs), server)
+            ClientControl(self._server_address, self.members, self._local_logs, tables=self.table_feed), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         _listen(server, f"{cfg.bind}:{cfg.grpc_port}")

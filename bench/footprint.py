@@ -14,7 +14,8 @@ agent have any). CPU is the CPU time used over the window divided by its length:
 share of one core.
 
 Prints, per agent, RSS at the start and end of the window (and how much of it is mapped
-files: shared libraries), its maximum, and CPU, against T9:
+files: shared libraries), its maximum, and CPU, against T9 (and the host's load average
+before and after the window: CPU shares are only comparable at a similar load):
 client <= 60 MB RSS and <= 1 % of a core; server <= 120 MB, with MB read as MiB
 (1,048,576 bytes, what VmRSS and `ps` count in). Everything it starts is stopped
 (SIGTERM, then SIGKILL after 15 s) and its data directories removed.
@@ -219,7 +220,9 @@ def main() -> None:
                   f"client `shoal agent {' '.join(client.args)}`; both Ready after {took:.1f} s, "
                   f"settling {args.settle} s, then sampling every second for {args.seconds} s", flush=True)
             time.sleep(args.settle)
+            load_before = os.getloadavg()[0]
             got = measure([server, client], args.seconds)
+            load_after = os.getloadavg()[0]
         finally:
             client.stop()
             server.stop()
@@ -234,6 +237,7 @@ def main() -> None:
         print(f"  {role:<8} {s.rss_start / MIB:6.1f} MiB {s.rss_end / MIB:6.1f} MiB {s.rss_file_end / MIB:4.1f} MiB "
               f"{s.rss_max / MIB:6.1f} MiB {s.cpu * 100:6.2f} %   {target}: {'meets' if ok else 'MISSES'} "
               f"(RSS {s.rss_max / MIB / rss_target:.2f}x the target)")
+    print(f"  host load average (1 min): {load_before:.2f} before the window, {load_after:.2f} after")
     print("  anchor: a Serf agent idles at 5-10 MB")
 
 

@@ -7,7 +7,6 @@ traceback means a bug in shoal.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pathlib
 import sys
@@ -15,14 +14,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, NoReturn
 
-import typer
-import yaml
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
+from shoal.agent.command import route as _route_agent
 
-import shoal
-from shoal.client import Client, default_addr
-from shoal.errors import ConfigError, ManifestError, ShoalError
+# `shoal agent ...` starts the agent here, before typer (with rich and pydantic) is
+# imported, and exits; any other command, or agent arguments only typer handles
+# (--help, a usage error), carry on below. See shoal.agent.command.
+_route_agent(__name__)
+
+import typer  # noqa: E402
+import yaml  # noqa: E402
+from google.protobuf.json_format import MessageToDict  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import shoal  # noqa: E402
+from shoal.client import Client, default_addr  # noqa: E402
+from shoal.errors import ManifestError, ShoalError  # noqa: E402
 
 __all__ = ["app", "main"]
 
@@ -119,6 +125,9 @@ def agent(
     node_name: Annotated[str, typer.Option("--node-name", help="This host's name in the cluster (default: hostname).")] = "",
     label: Annotated[list[str] | None, typer.Option("--label", help="Node label KEY=VALUE; repeatable.")] = None,
     driver: Annotated[list[str] | None, typer.Option("--driver", help="Runtime drivers to enable (docker, process); repeatable.")] = None,
+    scheduler_sample_size: Annotated[int, typer.Option("--scheduler-sample-size", help="Servers: feasible nodes ranked per replica in clusters larger than the sample threshold.")] = 16,
+    scheduler_sample_threshold: Annotated[int, typer.Option("--scheduler-sample-threshold", help="Servers: up to this many feasible nodes are ranked in full.")] = 256,
+    scheduler_spread_hosts: Annotated[int, typer.Option("--scheduler-spread-hosts", help="Servers: binpack keeps a deployment on at least this many hosts.")] = 3,
     log_json: Annotated[bool, typer.Option("--log-json", help="Logs as JSON lines.")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (reloaded on SIGHUP).")] = "info",
     seed: Annotated[int | None, typer.Option("--seed", hidden=True)] = None,
@@ -126,8 +135,10 @@ def agent(
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the effective settings and where each came from, then exit.")] = False,
 ) -> None:
     """Run the agent on this host (every host runs one)."""
+    # The body is shoal.agent.command's, which the command line usually reaches without
+    # typer (see the routing at the top of this module).
     from shoal import config as settings_file
-    from shoal.agent.main import run
+    from shoal.agent.command import Invocation, run
 
     # Only what was typed counts as a flag; the rest may come from the file. (Sources are
     # compared by name: typer vendors click, and its enum has no stable import path.)
@@ -136,81 +147,9 @@ def agent(
         for key in settings_file.KEYS
         if getattr(ctx.get_parameter_source(key.param), "name", "") in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
     }
-
-    def load() -> settings_file.Settings:
-        # Re-run on SIGHUP: the same flags over the file as it is now.
-        return settings_file.resolve(given, settings_file.config_path(config, dev=bool(given.get("dev"))))
-
-    try:
-        settings = load()
-    except settings_file.ConfigFileError as exc:
-        for p in exc.problems:
-            err.print(str(p), markup=False)
-        _fail(f"{len(exc.problems)} problem(s) in the config file; the agent did not start")
-    except ConfigError as exc:
-        _fail(str(exc))
-    settings, agent_config = _agent_config(settings)
-    if print_config:
-        out.print(settings.render(), markup=False, end="")
-        try:
-            agent_config.validate()
-        except ConfigError as exc:
-            _fail(settings.explain(str(exc)))
-        return
-
-    import structlog
-
-    from shoal.logs import configure
-
-    gate = configure(json=settings["log_json"], level=settings["log_level"])
-
-    def reload() -> Any:
-        # The log level is the one setting applied in place; `run` names the others.
-        fresh, fresh_config = _agent_config(load())
-        gate.set(fresh["log_level"])
-        if fresh["log_json"] != settings["log_json"]:
-            structlog.get_logger("shoal").warning("agent.reload_needs_restart", changed=["log_json"])
-        return fresh_config
-
-    try:
-        agent_config.validate()
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            pass
-        asyncio.run(run(agent_config, reload=reload))
-    except ConfigError as exc:
-        _fail(settings.explain(str(exc)))
-    except ShoalError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        pass
-
-
-def _agent_config(settings: Any) -> tuple[Any, Any]:
-    """The settings (with the per-user data dir filled in) and the `AgentConfig` they make."""
-    from shoal.agent.main import AgentConfig, default_data_dir
-
-    if settings["data_dir"] is None:
-        settings = settings.replace("data_dir", default_data_dir(settings["dev"]))
-    return settings, AgentConfig(
-        dev=settings["dev"],
-        server=settings["server"],
-        join=settings["join"],
-        bootstrap_expect=settings["bootstrap_expect"],
-        bind=settings["bind"],
-        advertise=settings["advertise"],
-        grpc_port=settings["grpc_port"],
-        gossip_port=settings["gossip_port"],
-        metrics_port=settings["metrics_port"],
-        data_dir=settings["data_dir"],
-        node_name=settings["node_name"],
-        labels=settings["labels"],
-        drivers=settings["drivers"],
-        seed=settings["seed"],
-    )
+    status = run(Invocation(given=given, config=config, print_config=print_config))
+    if status:
+        raise typer.Exit(status)
 
 
 # -- apply / delete ---------------------------------------------------------------

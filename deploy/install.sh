@@ -339,6 +339,11 @@ render_conf() {
         kv "# drivers: [docker, process]" "runtime drivers"
     fi
     echo
+    echo "# Placement (read by servers)."
+    kv "# scheduler_spread_hosts: 3" "binpack keeps a deployment on at least this many hosts"
+    kv "# scheduler_sample_threshold: 256" "feasible nodes ranked in full; more are ranked by sample"
+    kv "# scheduler_sample_size: 16" "feasible nodes ranked per replica when sampling"
+    echo
     echo "# Logs (to the journal under systemd)."
     kv "# log_level: info" "debug, info, warning or error; systemctl reload applies it"
     kv "# log_json: false" "JSON lines instead of key=value"

@@ -35,11 +35,12 @@ from shoal.errors import (
 from shoal.leader import convert
 from shoal.leader.controller import Controller
 from shoal.leader.records import DeploymentRecord, NodeRecord, ReplicaRecord, ServiceRecord, TableRecord
-from shoal.leader.scheduler import Scheduler, SchedulerConfig
+from shoal.leader.scheduler import Scheduler
 from shoal.leader.state import ClusterState, Delete, NewEvent, Put, Txn
 from shoal.leader.store import Store
 from shoal.manifest import MAX_DOCUMENT_BYTES, Document, parse_text
 from shoal.model import DeploymentSpec
+from shoal.table_feed import TableFeed
 from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -136,8 +137,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         cluster: ServerRole | None = None,
         clock: Callable[[], float] = time.time,
         logger: Any = None,
+        tables: TableFeed | None = None,
     ) -> None:
         self._store = store
+        self._tables = tables  # this agent's copy of the tables (WatchTable)
         self._cluster = cluster
         self._controller = controller
         self._log_source = log_source
@@ -176,7 +179,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             state.apply(txn)
         # A controller of its own: planning must not consume the real one's random
         # choices or cache, or the real placement would differ from what a plan shows.
-        planner = Controller(Scheduler(SchedulerConfig(), random.Random(0)), random.Random(0))
+        planner = Controller(Scheduler(self._controller.scheduler_config, random.Random(0)), random.Random(0))
         plan = planner.reconcile(state, self._clock())
         wanted = {r.name for r in results if r.kind == "Deployment"}
         resp = control_pb2.PlanResponse(objects=results)
@@ -407,6 +410,18 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def Members(self, request: control_pb2.MembersRequest, context: grpc.aio.ServicerContext) -> control_pb2.MembersResponse:
         return control_pb2.MembersResponse(members=self._members() if self._members else [])
+
+    async def WatchTable(self, request: control_pb2.WatchTableRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.Table]:
+        if self._tables is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server holds no copy of the tables")
+            return
+        try:
+            async for table in self._tables.follow(request.service):
+                yield table
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ShoalError as exc:
+            await context.abort(status_for(exc), str(exc))
 
     # -- nodes ------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from shoal.leader.records import (
     ServiceRecord,
     TableRecord,
 )
-from shoal.leader.scheduler import NodeInfo, PlacementRequest, Scheduler
+from shoal.leader.scheduler import NodeInfo, PlacementRequest, Scheduler, SchedulerConfig
 from shoal.leader.state import ClusterState, Delete, NewEvent, Put, Txn
 from shoal.manifest import parse_raw
 from shoal.model import (
@@ -88,6 +88,11 @@ class Controller:
         # (kind, name) -> (generation, manifest, spec). The manifest is compared too: a
         # deleted and re-created object starts again at generation 1 with new content.
         self._specs: dict[tuple[str, str], tuple[int, dict[str, Any], DeploymentSpec | ServiceSpec | None]] = {}
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        """The placement settings this controller's scheduler uses (`shoal plan` reuses them)."""
+        return self._scheduler.config
 
     # -- parsing, cached by (kind, name, generation) -------------------------------------
 
@@ -314,6 +319,7 @@ class Controller:
                     "target_port": target_ports.get(str(sp.port), sp.target_port if isinstance(sp.target_port, int) else 0),
                     "node_port": sp.node_port or 0,
                     "protocol": sp.protocol,
+                    "app_protocol": sp.app_protocol.value,
                 }
                 for sp in sspec.ports
             ]
@@ -327,6 +333,7 @@ class Controller:
                 ],
                 ports=ports,
                 dataplane=sspec.dataplane.value,
+                hash_header=sspec.hash_header,
             )
             if prev_raw is None or record.to_dict() != prev_raw:
                 if previous is not None and record.version <= previous.version:

@@ -1,21 +1,32 @@
-"""The Python client library for the `shoal.v1.Control` API.
+"""The Python client library: the `shoal.v1.Control` API, and balanced gRPC channels.
 
-gRPC errors are translated into shoal errors here, in one place (`_translate`), so
-callers (the CLI among them) handle `ShoalError` only.
+`Client` calls the Control API. gRPC errors are translated into shoal errors here, in
+one place (`_translate`), so callers (the CLI among them) handle `ShoalError` only.
+
+`channel("shoal:///SERVICE")` (and `aio_channel` for `grpc.aio`) is a gRPC channel to
+every endpoint of a service: it follows the service's balancing table from an agent and
+picks an endpoint per call with the service's algorithm, so a gRPC client skips the
+proxy hop. grpcio has no public API for custom name resolvers, so this is a channel
+object of its own that generated stubs accept (`shoal.channel`, `shoal.aio_channel`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from shoal.errors import Conflict, NotFound, ShoalError, Unavailable
 from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
 
-__all__ = ["Client", "DEFAULT_ADDR", "RequestRejected", "default_addr"]
+if TYPE_CHECKING:
+    # Imported where a channel is made: the CLI, which uses only `Client`, starts faster.
+    from shoal.aio_channel import AioBalancedChannel
+    from shoal.channel import BalancedChannel
+
+__all__ = ["Client", "DEFAULT_ADDR", "RequestRejected", "aio_channel", "channel", "default_addr"]
 
 DEFAULT_ADDR = "127.0.0.1:7420"
 
@@ -120,3 +131,36 @@ class Client:
     def logs(self, pod: str, *, follow: bool = False, tail: int = 0) -> Iterator[bytes]:
         for chunk in self._stream("Logs", control_pb2.LogsRequest(pod=pod, follow=follow, tail=tail), follow=follow):
             yield chunk.data
+
+
+def _agent_and_service(target: str, agent: str | None) -> tuple[str, str]:
+    from shoal.call_balancer import parse_target
+
+    named, service = parse_target(target)
+    if named and agent and named != agent:
+        raise ShoalError(f'target "{target}" names agent {named} but agent={agent!r} was given; give one')
+    return (named or agent or default_addr()), service
+
+
+def channel(target: str, *, agent: str | None = None, agent_credentials: grpc.ChannelCredentials | None = None,
+            **kwargs: Any) -> BalancedChannel:
+    """A gRPC channel balancing over the endpoints of `shoal:///SERVICE` (or
+    `shoal://AGENT:PORT/SERVICE`), following its table from `agent` (default:
+    `$SHOAL_ADDR` or 127.0.0.1:7420). Keywords go to `BalancedChannel`: `idempotent`
+    (True, or method names whose UNAVAILABLE failures may be retried elsewhere),
+    `credentials` and `options` for the endpoint sub-channels, `rng`, `ejection`,
+    `retry_budget`, `table_wait`. ConfigError for a target that is not a shoal target."""
+    from shoal.channel import AgentTables, BalancedChannel
+
+    addr, service = _agent_and_service(target, agent)
+    return BalancedChannel(service, AgentTables(addr, credentials=agent_credentials), **kwargs)
+
+
+def aio_channel(target: str, *, agent: str | None = None, agent_credentials: grpc.ChannelCredentials | None = None,
+                **kwargs: Any) -> AioBalancedChannel:
+    """`channel` for `grpc.aio`: build it inside the running event loop and `await
+    ch.close()` (or `async with`)."""
+    from shoal.aio_channel import AioAgentTables, AioBalancedChannel
+
+    addr, service = _agent_and_service(target, agent)
+    return AioBalancedChannel(service, AioAgentTables(addr, credentials=agent_credentials), **kwargs)

@@ -130,6 +130,15 @@ KEYS: tuple[Key, ...] = (
     _k("labels", Kind.LABELS, (), "node labels for nodeSelector", param="label", flag="--label"),
     _k("drivers", Kind.CHOICES, DRIVERS, "runtime drivers to enable", param="driver", flag="--driver",
        choices=DRIVERS),
+    _k("scheduler_sample_size", Kind.INT, 16,
+       "servers: how many feasible nodes the scheduler ranks per replica once a cluster has more "
+       "than scheduler_sample_threshold of them", low=1, high=1024),
+    _k("scheduler_sample_threshold", Kind.INT, 256,
+       "servers: clusters up to this many feasible nodes are ranked in full, larger ones by sample",
+       low=0, high=1_000_000),
+    _k("scheduler_spread_hosts", Kind.INT, 3,
+       "servers: binpack keeps a deployment on at least this many hosts (a host takes up to "
+       "1/N of its replicas before the next host is used)", low=1, high=1000),
     _k("log_level", Kind.CHOICE, "info", "debug, info, warning or error (reloaded on SIGHUP)", choices=LOG_LEVELS),
     _k("log_json", Kind.BOOL, False, "logs as JSON lines"),
     _k("seed", Kind.INT, None, "fixes replica names and tie-breaks (tests)", low=0, high=2**63 - 1, hidden=True),

@@ -20,3 +20,17 @@ def test_advertise_defaults_to_bind() -> None:
     cfg = AgentConfig(server=True, bind="198.18.0.1")
     cfg.validate()
     assert cfg.advertise_address == "198.18.0.1"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("scheduler_sample_size", 0, "--scheduler-sample-size"),
+        ("scheduler_sample_threshold", -1, "--scheduler-sample-threshold"),
+        ("scheduler_spread_hosts", 0, "--scheduler-spread-hosts"),
+    ],
+)
+def test_scheduler_settings_out_of_range_name_their_flag(field: str, value: int, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        AgentConfig(server=True, **{field: value}).validate()  # type: ignore[arg-type]
+

@@ -548,6 +548,17 @@ async def test_plan_shows_placements_and_what_does_not_fit_and_writes_nothing(en
     assert u.placed == 1 and "memory" in u.reason
 
 
+@pytest.mark.parametrize(("spread_hosts", "hosts"), [(3, 2), (1, 1)])
+async def test_plan_places_with_the_servers_scheduler_settings(env: Env, spread_hosts: int, hosts: int) -> None:
+    """Two replicas, two roomy nodes: the default keeps them apart, spread_hosts=1 packs
+    them; the plan shows what this server's scheduler would do, settings included."""
+    await with_node(env, "n1")
+    await with_node(env, "n2")
+    env.controller._scheduler = Scheduler(SchedulerConfig(spread_hosts=spread_hosts), random.Random(1))
+    resp = await env.call(env.client.plan, [("d.yaml", deployment_yaml(replicas=2))])
+    assert len(resp.placements) == 2 and len({p.node for p in resp.placements}) == hosts
+
+
 async def test_a_status_report_records_the_hosts_usage_once_it_changes(env: Env) -> None:
     from shoal.leader.dispatcher import apply_report
     from shoal.v1 import agent_pb2, types_pb2

@@ -58,6 +58,9 @@ def test_a_full_file_loads_with_the_line_of_every_key(tmp_path: pathlib.Path) ->
         log_json: true
         dev: false
         seed: 7
+        scheduler_sample_size: 8
+        scheduler_sample_threshold: 100
+        scheduler_spread_hosts: 2
     """)
     got = config.load_file(path)
     assert got == {
@@ -66,6 +69,7 @@ def test_a_full_file_loads_with_the_line_of_every_key(tmp_path: pathlib.Path) ->
         "metrics_port": (0, 9), "data_dir": (pathlib.Path("/var/lib/shoal"), 10), "node_name": ("007", 11),
         "labels": ((("disk", "ssd"), ("zone", "eu-1")), 12), "drivers": (("process",), 13),
         "log_level": ("debug", 14), "log_json": (True, 15), "dev": (False, 16), "seed": (7, 17),
+        "scheduler_sample_size": (8, 18), "scheduler_sample_threshold": (100, 19), "scheduler_spread_hosts": (2, 20),
     }
     assert {k.name for k in config.KEYS} == set(got)
 
@@ -109,7 +113,8 @@ def test_every_problem_at_once_each_with_file_line_and_key(tmp_path: pathlib.Pat
         f'{p}:10: drivers: unknown value "podman"; use docker or process',
         f'{p}:11: log_level: unknown value "verbose"; use debug, info, warning or error',
         f"{p}:12: frobnicate: unknown key; the keys are dev, server, bootstrap_expect, join, bind, advertise, "
-        "grpc_port, gossip_port, metrics_port, data_dir, node_name, labels, drivers, log_level, log_json",
+        "grpc_port, gossip_port, metrics_port, data_dir, node_name, labels, drivers, scheduler_sample_size, "
+        "scheduler_sample_threshold, scheduler_spread_hosts, log_level, log_json",
         f"{p}:13: server: given twice (first on line 1)",
         f'{p}:14: node_name: must be a string, got 12 (an integer); quote it ("...") if a string is meant',
         f"{p}:15: advertise: must be a string, got a list",
@@ -255,7 +260,8 @@ def test_a_bad_file_stops_the_agent_with_every_problem(tmp_path: pathlib.Path) -
     assert result.stderr.splitlines() == [
         f"{path}:1: server: must be true or false, got 1 (an integer)",
         f"{path}:2: foo: unknown key; the keys are dev, server, bootstrap_expect, join, bind, advertise, grpc_port, "
-        "gossip_port, metrics_port, data_dir, node_name, labels, drivers, log_level, log_json",
+        "gossip_port, metrics_port, data_dir, node_name, labels, drivers, scheduler_sample_size, "
+        "scheduler_sample_threshold, scheduler_spread_hosts, log_level, log_json",
         "error: 2 problem(s) in the config file; the agent did not start",
     ]
 

@@ -61,4 +61,5 @@ def test_grpc_stubs_exist_for_every_service() -> None:
     assert [m.name for m in raft_pb2.DESCRIPTOR.services_by_name["Raft"].methods] == ["Send", "SendSnapshot"]
     assert [m.name for m in control_pb2.DESCRIPTOR.services_by_name["Control"].methods] == [
         "Apply", "Get", "Delete", "Scale", "WatchEvents", "Logs", "Members", "Servers", "AddServer", "RemoveServer", "Cordon", "Plan",
+        "WatchTable",
     ]

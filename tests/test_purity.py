@@ -24,6 +24,7 @@ PURE_CORES: list[str] = [
     "leader/scheduler.py",
     "leader/balancer.py",
     "shoal/balancing.py",
+    "shoal/call_balancer.py",
     "agent/probe_state.py",
     "agent/swim/**/*.py",
     "leader/raft/**/*.py",

@@ -10,6 +10,8 @@ Rules:
 - `stop()` is idempotent: stopping what is already gone is not an error.
 - Methods are coroutines; blocking SDK calls run in a worker thread inside the driver.
 - `exec()` and `address()` serve the agent's probes; they never change what runs.
+- `usages()` serves `/metrics` at scrape time: synchronous and cheap (kernel counters,
+  not an engine round trip), and only for the running replicas it is given.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 
 from shoal.model import Driver, RunSpec
 
-__all__ = ["LABEL_PREFIX", "Observed", "Runtime"]
+__all__ = ["LABEL_PREFIX", "Observed", "Runtime", "Usage"]
 
 # Docker labels (and the process driver's state files) use these keys, suffixed with
 # replica, deployment, generation, node, host-port.
@@ -41,6 +43,14 @@ class Observed:
     started_at: float | None = None  # unix seconds
     host_port: int | None = None
     error: str = ""  # why it is not running, when the runtime says
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """What one running replica uses, as the kernel counts it."""
+
+    cpu_seconds: float  # CPU time (user + system) of everything in it since it started
+    memory_bytes: int  # resident working set now (page cache the kernel can drop excluded)
 
 
 class Runtime(Protocol):
@@ -77,6 +87,12 @@ class Runtime(Protocol):
 
     def logs(self, replica_id: str, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[bytes]:
         """The replica's output, stdout and stderr interleaved; follows until cancelled."""
+        ...
+
+    def usages(self, replicas: Sequence[Observed]) -> dict[str, Usage]:
+        """CPU time and memory of the given running replicas, by replica id; a replica
+        whose figures cannot be read right now is left out. Called on the event loop at
+        scrape time, so it must not block on anything slower than /proc and /sys."""
         ...
 
     def changes(self) -> AsyncIterator[str]:

@@ -30,6 +30,11 @@ Rules:
   container's IP on its network, for probes of a port that is not published.
 - Every blocking SDK call runs in a worker thread (`asyncio.to_thread`). The event loop
   never touches the Docker socket.
+- `usages()` (for /metrics, at scrape time) reads each container's cgroup files
+  (`shoal.agent.runtime.cgroups`), found from the container's main pid that `list()`
+  saw. Where they cannot be read (a remote engine, another pid namespace), it falls
+  back to the stats API: a daemon thread refreshes those figures at most one batch at a
+  time, and a scrape reports the last ones it got (none on the very first).
 
 How the streams work: `logs()` and `changes()` each drain a blocking docker stream in a
 daemon thread into an `asyncio.Queue` (a `_Pump`). Leaving the `async for` (break,
@@ -43,6 +48,7 @@ saw, so a short engine restart loses no hint.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import math
 import re
 import threading
@@ -59,7 +65,8 @@ import requests.exceptions
 import structlog
 import urllib3.exceptions
 
-from shoal.agent.runtime.base import LABEL_PREFIX, Observed
+from shoal.agent.runtime import cgroups
+from shoal.agent.runtime.base import LABEL_PREFIX, Observed, Usage
 from shoal.errors import (
     HostPortInUse,
     ImageNotFound,
@@ -285,6 +292,17 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
+def _usage_from_stats(stats: dict[str, Any]) -> Usage | None:
+    """A `Usage` from one stats API answer (cgroup v1 or v2 keys), None when it has none."""
+    cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+    memory = stats.get("memory_stats") or {}
+    if cpu is None or "usage" not in memory:
+        return None
+    detail = memory.get("stats") or {}
+    inactive = detail.get("inactive_file", detail.get("total_inactive_file", 0))
+    return Usage(cpu_seconds=int(cpu) / 1e9, memory_bytes=max(0, int(memory["usage"]) - int(inactive)))
+
+
 def _observed(info: dict[str, Any]) -> Observed | None:
     """An `Observed` from `docker inspect` data; None for a container shoal did not label."""
     labels: dict[str, str] = (info.get("Config") or {}).get("Labels") or {}
@@ -443,6 +461,14 @@ class DockerRuntime:
         self._pumps: set[_Pump] = set()
         self._threads: set[threading.Thread] = set()
         self._ncpu: int | None = None
+        # For usages(): the main pid of each running container (container id → pid) as
+        # the last list() saw it; each container's cgroup files (None: not readable
+        # here, use the stats API); the stats API's last figures, and whether a refresh
+        # is under way.
+        self._pids: dict[str, int] = {}
+        self._cgroups: dict[str, cgroups.CgroupFiles | None] = {}
+        self._stats: dict[str, Usage] = {}
+        self._stats_busy = threading.Event()
 
     # -- plumbing
 
@@ -475,6 +501,7 @@ class DockerRuntime:
 
         def collect() -> list[Observed]:
             found: list[Observed] = []
+            pids: dict[str, int] = {}
             summaries = api.containers(all=True, filters={"label": [f"{LABEL_NODE}={self.node_name}"]})
             for summary in summaries:
                 try:
@@ -484,6 +511,10 @@ class DockerRuntime:
                 observed = _observed(info)
                 if observed is not None:
                     found.append(observed)
+                    pid = _int_or_none((info.get("State") or {}).get("Pid"))
+                    if observed.running and pid:
+                        pids[observed.handle] = pid
+            self._pids = pids
             return found
 
         return await self._call(_Context(), collect)
@@ -635,6 +666,58 @@ class DockerRuntime:
         async with aclosing(events) as replica_ids:
             async for replica_id in replica_ids:
                 yield replica_id
+
+    def usages(self, replicas: Sequence[Observed]) -> dict[str, Usage]:
+        """CPU time and working-set memory of the running containers given, from their
+        cgroups (or the stats API's last figures); see the module docstring."""
+        out: dict[str, Usage] = {}
+        known: dict[str, cgroups.CgroupFiles | None] = {}
+        slow: builtins.list[str] = []
+        for o in replicas:
+            if not o.running or not o.handle:
+                continue
+            if o.handle in self._cgroups:
+                files = self._cgroups[o.handle]
+            else:
+                pid = self._pids.get(o.handle)
+                if pid is None:
+                    continue  # started since the last list(): next scrape
+                files = cgroups.locate(pid, expect=o.handle)
+            known[o.handle] = files
+            got = cgroups.read(files) if files is not None else None
+            if got is not None:
+                out[o.replica_id] = Usage(cpu_seconds=got[0], memory_bytes=got[1])
+                continue
+            slow.append(o.handle)
+            if o.handle in self._stats:
+                out[o.replica_id] = self._stats[o.handle]
+        # Only containers still running keep an entry: nothing outlives a replica.
+        self._cgroups = known
+        self._stats = {h: u for h, u in self._stats.items() if h in known}
+        if slow and not self._stats_busy.is_set() and not self._closed.is_set():
+            self._stats_busy.set()
+            threading.Thread(target=self._refresh_stats, args=(slow,), name="shoal-docker-stats", daemon=True).start()
+        return out
+
+    def _refresh_stats(self, handles: Sequence[str]) -> None:
+        """Stats thread: one stats API call per container, each ~0.1-2 s."""
+        try:
+            api = self._client_sync().api
+            fresh = dict(self._stats)
+            for handle in handles:
+                try:
+                    stats = api.stats(handle, stream=False, one_shot=True)
+                    usage = _usage_from_stats(stats)
+                except Exception:  # noqa: BLE001 - gone, or an engine hiccup: no figure this time
+                    continue
+                if usage is not None:
+                    fresh[handle] = usage
+            # Only what a scrape still asks about: a container removed meanwhile is gone.
+            self._stats = {h: u for h, u in fresh.items() if h in self._cgroups}
+        except Exception as exc:  # noqa: BLE001 - metrics must never take the driver down
+            self._log.debug("runtime.docker_stats_failed", error=str(exc))
+        finally:
+            self._stats_busy.clear()
 
     async def close(self) -> None:
         """Stop the stream threads and close the client; containers keep running."""

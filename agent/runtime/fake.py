@@ -10,7 +10,9 @@ Rules:
 - Tests drive the world through helpers: `crash()` a replica, `adopt()` one that "was
   already running" before the agent started, `fail_next_start()` to make a start fail,
   `write_log()` to give a replica output, `set_exec()` to decide what an exec probe's
-  command returns (exit status 0 unless told).
+  command returns (exit status 0 unless told), `set_usage()` to give a replica CPU and
+  memory figures for `usages()` (which is not recorded in `calls`: scrapes are not
+  decisions).
 - Every protocol call is appended to `calls` as `(method, argument)`, so a test can
   assert what the reconciler did and in which order.
 """
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shoal.agent.runtime.base import Observed
+from shoal.agent.runtime.base import Observed, Usage
 from shoal.errors import NotFound, ShoalError
 from shoal.model import Driver, RunSpec
 
@@ -58,6 +60,7 @@ class FakeRuntime:
         self._ticks = 1000.0
         self._clock = clock if clock is not None else self._tick
         self._serial = 0
+        self._usage: dict[str, Usage] = {}
         self._start_failures: list[tuple[str | None, ShoalError]] = []
         self._subscribers: set[asyncio.Queue[str | None]] = set()
         self._log_waiters: set[asyncio.Event] = set()
@@ -98,6 +101,9 @@ class FakeRuntime:
         status, or an error to raise (a `RuntimeDriverError` stands for a timeout too)."""
         self._exec_results[replica_id] = result
 
+    def set_usage(self, replica_id: str, usage: Usage) -> None:
+        self._usage[replica_id] = usage
+
     def running_ids(self) -> set[str]:
         """Ids of the replicas running now."""
         return {rid for rid, r in self.replicas.items() if r.observed.running}
@@ -127,6 +133,14 @@ class FakeRuntime:
         self.calls.append(("stop", replica_id))
         if self.replicas.pop(replica_id, None) is not None:
             self._announce(replica_id)
+
+    def usages(self, replicas: Sequence[Observed]) -> dict[str, Usage]:
+        out: dict[str, Usage] = {}
+        for o in replicas:
+            replica = self.replicas.get(o.replica_id)
+            if replica is not None and replica.observed.running and o.replica_id in self._usage:
+                out[o.replica_id] = self._usage[o.replica_id]
+        return out
 
     async def exec(self, replica_id: str, command: Sequence[str], timeout: float) -> int:
         self.calls.append(("exec", (replica_id, tuple(command))))

@@ -26,8 +26,15 @@ Rules:
   does not reuse a pid that still names a process group, so a vanished leader's group
   id still means our group.
 
+`usages()` (for /metrics) walks each replica's process tree with psutil: CPU is user +
+system time of every live member plus the time of the children each has reaped (so a
+finished worker still counts, once), held monotonic per incarnation; memory is the sum
+of their resident sets (shared pages count once per process: an upper bound).
+
 `changes()` is fed by one watcher task that polls every `poll_interval` seconds (reaping
-children and checking adopted pids) and by `start()`/`stop()` themselves.
+children and checking adopted pids) and by `start()`/`stop()` themselves. With no
+replica to watch it does not poll at all (an idle agent's CPU, T9): it sleeps until
+`start()` or a `list()` that finds (adopts) one wakes it.
 
 This machine's lesson: PID 1 in a container may not reap orphans, so an adopted replica
 that exits can stay a zombie forever; zombies therefore count as dead everywhere here.
@@ -55,7 +62,7 @@ from typing import Any, BinaryIO
 import psutil
 import structlog
 
-from shoal.agent.runtime.base import Observed
+from shoal.agent.runtime.base import Observed, Usage
 from shoal.errors import HostPortInUse, NotFound, RuntimeDriverError
 from shoal.model import Driver, RunSpec
 
@@ -221,7 +228,11 @@ class ProcessRuntime:
         self._subscribers: set[asyncio.Queue[str | None]] = set()
         self._pending: dict[asyncio.Queue[str | None], set[str]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._watcher_wake = asyncio.Event()
         self._closed = False
+        # replica id → (pid, the highest CPU seconds reported): a descendant that exits
+        # unreaped by the tree takes its time with it, and a counter must not go back.
+        self._cpu_floor: dict[str, tuple[int, float]] = {}
 
     # -- paths and state files
 
@@ -248,7 +259,10 @@ class ProcessRuntime:
 
     async def list(self) -> list[Observed]:
         """Every replica with a state file of this node, running or not."""
-        return await asyncio.to_thread(self._list_sync)
+        found = await asyncio.to_thread(self._list_sync)
+        if found:
+            self._watcher_wake.set()  # adopted ones, maybe: the watcher has work
+        return found
 
     async def start(self, spec: RunSpec) -> Observed:
         """Start `command + args` in a new session; replaces a replica of the same id."""
@@ -281,6 +295,7 @@ class ProcessRuntime:
                 port=spec.host_port,
             )
         observed = await asyncio.to_thread(self._spawn, spec, argv, executable, env)
+        self._watcher_wake.set()
         self._announce(spec.replica_id)
         self._log.info(
             "runtime.process_started",
@@ -332,6 +347,40 @@ class ProcessRuntime:
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
         return exit_code_from_returncode(returncode)
+
+    def usages(self, replicas: Sequence[Observed]) -> dict[str, Usage]:
+        """CPU time and resident memory of each running replica's process tree."""
+        out: dict[str, Usage] = {}
+        floors: dict[str, tuple[int, float]] = {}
+        for o in replicas:
+            if not o.running or o.started_at is None or not o.handle.startswith("pid:"):
+                continue
+            pid = int(o.handle.removeprefix("pid:"))
+            leader = _process_matches(pid, o.started_at)
+            if leader is None:
+                continue
+            try:
+                members = [leader, *leader.children(recursive=True)]
+            except psutil.Error:
+                continue
+            cpu, memory = 0.0, 0
+            for proc in members:
+                try:
+                    with proc.oneshot():
+                        t = proc.cpu_times()
+                        rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue  # exited meanwhile: its reaper has its time
+                cpu += t.user + t.system + t.children_user + t.children_system
+                memory += rss
+            floor = self._cpu_floor.get(o.replica_id)
+            if floor is not None and floor[0] == pid:
+                cpu = max(cpu, floor[1])
+            floors[o.replica_id] = (pid, cpu)
+            out[o.replica_id] = Usage(cpu_seconds=cpu, memory_bytes=memory)
+        # Only the replicas still running keep a floor: nothing outlives a replica.
+        self._cpu_floor = floors
+        return out
 
     async def address(self, replica_id: str, container_port: int) -> tuple[str, int]:
         """A process listens on the host itself: loopback, the port as written."""
@@ -634,6 +683,9 @@ class ProcessRuntime:
 
     async def _watch(self) -> None:
         while True:
+            # Cleared before the scan: a start() after it sets the event again, so the
+            # wait below cannot miss a replica the scan did not see yet.
+            self._watcher_wake.clear()
             try:
                 exited = await asyncio.to_thread(self._scan_exits)
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad scan
@@ -642,7 +694,12 @@ class ProcessRuntime:
             for replica_id in exited:
                 self._log.info("runtime.process_exited", replica=replica_id, node=self.node_name)
                 self._announce(replica_id)
-            await asyncio.sleep(self._poll_interval)
+            with self._lock:
+                idle = not self._tracked
+            if idle:
+                await self._watcher_wake.wait()
+            else:
+                await asyncio.sleep(self._poll_interval)
 
     def _announce(self, replica_id: str) -> None:
         for queue in self._subscribers:

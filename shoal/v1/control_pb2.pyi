@@ -272,3 +272,9 @@ class PlanResponse(_message.Message):
     placements: _containers.RepeatedCompositeFieldContainer[Placement]
     unplaced: _containers.RepeatedCompositeFieldContainer[Unplaced]
     def __init__(self, objects: _Optional[_Iterable[_Union[AppliedObject, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., unplaced: _Optional[_Iterable[_Union[Unplaced, _Mapping]]] = ...) -> None: ...
+
+class WatchTableRequest(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    def __init__(self, service: _Optional[str] = ...) -> None: ...

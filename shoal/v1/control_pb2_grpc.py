@@ -95,6 +95,11 @@ class ControlStub:
                 request_serializer=shoal_dot_v1_dot_control__pb2.ApplyRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_control__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.WatchTable = channel.unary_stream(
+                '/shoal.v1.Control/WatchTable',
+                request_serializer=shoal_dot_v1_dot_control__pb2.WatchTableRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_types__pb2.Table.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -183,6 +188,17 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTable(self, request, context):
+        """Follow one service's balancing table as the answering agent holds it (no round trip
+        to the leader): the current table first, then every new version. An agent that has
+        no tables yet (just started, no leader) waits for its first set before answering.
+        NOT_FOUND when its tables have no such service, or the service is deleted while
+        followed. What the client library's balanced channels (`shoal:///SERVICE`) read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +261,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=shoal_dot_v1_dot_control__pb2.ApplyRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_control__pb2.PlanResponse.SerializeToString,
+            ),
+            'WatchTable': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTable,
+                    request_deserializer=shoal_dot_v1_dot_control__pb2.WatchTableRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_types__pb2.Table.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +592,33 @@ class Control:
             '/shoal.v1.Control/Plan',
             shoal_dot_v1_dot_control__pb2.ApplyRequest.SerializeToString,
             shoal_dot_v1_dot_control__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Control/WatchTable',
+            shoal_dot_v1_dot_control__pb2.WatchTableRequest.SerializeToString,
+            shoal_dot_v1_dot_types__pb2.Table.FromString,
             options,
             channel_credentials,
             insecure,
