@@ -17,7 +17,7 @@ import grpc
 
 from shoal.errors import NotFound, ShoalError
 from shoal.metadata import FORWARDED
-from shoal.table_feed import TableFeed
+from shoal.table_feed import TableFeed, watch_table
 from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 __all__ = ["ClientControl", "LocalLogs"]
@@ -65,16 +65,8 @@ class ClientControl(control_pb2_grpc.ControlServicer):
         return control_pb2.MembersResponse(members=self._members())
 
     async def WatchTable(self, request: control_pb2.WatchTableRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.Table]:
-        if self._tables is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent holds no copy of the tables")
-            return
-        try:
-            async for table in self._tables.follow(request.service):
-                yield table
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except NotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        async for table in watch_table(self._tables, request, context, holder="agent"):
+            yield table
 
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         stub = await self._stub(context)

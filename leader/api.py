@@ -40,7 +40,7 @@ from shoal.leader.state import ClusterState, Delete, NewEvent, Put, Txn
 from shoal.leader.store import Store
 from shoal.manifest import MAX_DOCUMENT_BYTES, Document, parse_text
 from shoal.model import DeploymentSpec
-from shoal.table_feed import TableFeed
+from shoal.table_feed import TableFeed, watch_table
 from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -412,16 +412,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return control_pb2.MembersResponse(members=self._members() if self._members else [])
 
     async def WatchTable(self, request: control_pb2.WatchTableRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.Table]:
-        if self._tables is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server holds no copy of the tables")
-            return
-        try:
-            async for table in self._tables.follow(request.service):
-                yield table
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ShoalError as exc:
-            await context.abort(status_for(exc), str(exc))
+        async for table in watch_table(self._tables, request, context, holder="server"):
+            yield table
 
     # -- nodes ------------------------------------------------------------------------
 

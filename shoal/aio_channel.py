@@ -13,18 +13,17 @@ unary-stream call is async-iterable and has `read()`, `cancel()`, `code()` and
 from __future__ import annotations
 
 import asyncio
-import random
-import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import grpc
 
-from shoal.balancing import EjectionConfig, Endpoint, RetryBudget
-from shoal.call_balancer import CallBalancer, Outcome, TableChange, retryable, table_from_pb
-from shoal.channel import TABLE_WAIT, WATCH_BACKOFF, BalancerRpcError, Metadata, hash_key_of
-from shoal.errors import NotFound, ShoalError
-from shoal.v1 import control_pb2, control_pb2_grpc, types_pb2
+from shoal.balancing import Endpoint
+from shoal.call_balancer import Outcome, table_from_pb
+from shoal.channel_common import (WATCH_BACKOFF, AgentTablesShell, Attempts, ChannelShell, Exhausted, Metadata,
+                                  MultiCallableShell, deadline_after, hash_key_of, remaining)
+from shoal.v1 import types_pb2
 
 __all__ = ["AioAgentTables", "AioBalancedChannel", "AioTableSource"]
 
@@ -38,68 +37,47 @@ class AioTableSource(Protocol):
     async def close(self) -> None: ...
 
 
-class AioAgentTables:
+class AioAgentTables(AgentTablesShell):
     """Tables from a shoal agent's `Control.WatchTable`, over `grpc.aio`."""
 
-    def __init__(self, agent: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.agent = agent
-        self._channel = (grpc.aio.secure_channel(agent, credentials) if credentials is not None
-                         else grpc.aio.insecure_channel(agent))
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
-
-    def watch(self, service: str) -> AsyncIterable[types_pb2.Table]:
-        call: AsyncIterable[types_pb2.Table] = self._stub.WatchTable(control_pb2.WatchTableRequest(service=service))
-        return call
+    _api = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
 
 
-class _Exhausted(Exception):
-    """Every endpoint was tried for this call."""
+class AioBalancedChannel(ChannelShell[AioTableSource], grpc.aio.Channel):  # type: ignore[misc]
+    """A `grpc.aio` channel to every endpoint of one service.
+    Keywords: see `shoal.channel_common.ChannelShell`."""
 
+    _api = grpc.aio
+    _closed_error = grpc.aio.UsageError
 
-def _deadline(timeout: float | None, clock: Callable[[], float]) -> float | None:
-    return None if timeout is None else clock() + timeout
+    def _multicallable_types(self) -> Mapping[str, Callable[..., Any]]:
+        return {"unary_unary": _AioUnaryUnary, "unary_stream": _AioUnaryStream,
+                "stream_unary": _AioStreamUnary, "stream_stream": _AioStreamStreamMulti}
 
+    def _make_lock(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # one loop: nothing runs between two awaits
 
-def _remaining(deadline: float | None, clock: Callable[[], float]) -> float | None:
-    return None if deadline is None else max(0.0, deadline - clock())
-
-
-class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
-    """A `grpc.aio` channel to every endpoint of one service."""
-
-    def __init__(
-        self,
-        service: str,
-        source: AioTableSource,
-        *,
-        idempotent: bool | Iterable[str] = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        rng: random.Random | None = None,
-        ejection: EjectionConfig = EjectionConfig(),
-        retry_budget: RetryBudget | None = None,
-        table_wait: float = TABLE_WAIT,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.service = service
-        self._source = source
-        self._idempotent: bool | frozenset[str] = idempotent if isinstance(idempotent, bool) else frozenset(idempotent)
-        self._credentials = credentials
-        self._options = list(options)
-        self._table_wait = table_wait
-        self._clock = clock
-        self._core = CallBalancer(service, rng or random.Random(), ejection, retry_budget or RetryBudget())
-        self._subchannels: dict[str, grpc.aio.Channel] = {}
-        self._callables: dict[tuple[str, str, str], Any] = {}
-        self._closed = False
-        self._has_answer = False
+    def _start(self) -> None:
         # Replaced at every table change: a waiter holds the event of the state it saw.
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._follower = asyncio.get_running_loop().create_task(self._follow(), name=f"shoal-table-{service}")
+        self._follower = asyncio.get_running_loop().create_task(self._follow(), name=f"shoal-table-{self.service}")
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _close_channels(self, channels: list[grpc.aio.Channel], *, in_callback: bool = False) -> None:
+        for ch in channels:
+            self._spawn(ch.close())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- following the table ------------------------------------------------------
 
@@ -108,121 +86,27 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         while not self._closed:
             try:
                 async for t in self._source.watch(self.service):
-                    self._apply(self._core.update(table_from_pb(t)))
+                    self._apply(self._core.update, table_from_pb(t))
                     pause = WATCH_BACKOFF[0]
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                details = (exc.details() if hasattr(exc, "details") else "") or ""
-                if code == grpc.StatusCode.NOT_FOUND:
-                    self._apply(self._core.lost(details or f'service "{self.service}" not found'))
-                else:
-                    self._failed(f"{code.name if code else 'error'}: {details}")
-            except NotFound as exc:
-                self._apply(self._core.lost(str(exc)))
-            except ShoalError as exc:
-                self._failed(str(exc))
-            except Exception as exc:  # noqa: BLE001 - a bad message must not end the following
-                self._failed(repr(exc))
+            except Exception as exc:  # noqa: BLE001 - classified; a bad message must not end the following
+                self._watch_failed(exc)
             await asyncio.sleep(pause)  # back-off before reopening the stream
             pause = min(pause * 2, WATCH_BACKOFF[1])
-
-    def _apply(self, change: TableChange) -> None:
-        for target in change.opened:
-            self._subchannels[target] = self._open(target)
-        for target in change.closed:
-            self._spawn(self._drop(target).close())
-        self._has_answer = True
-        self._notify()
-
-    def _failed(self, why: str) -> None:
-        if self._core.table is None and not self._core.missing:
-            self._core.error = f"cannot follow it from the agent ({why})"
-        self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _open(self, target: str) -> grpc.aio.Channel:
-        if self._credentials is not None:
-            return grpc.aio.secure_channel(target, self._credentials, options=self._options)
-        return grpc.aio.insecure_channel(target, options=self._options)
-
-    def _drop(self, target: str) -> grpc.aio.Channel:
-        for k in [k for k in self._callables if k[0] == target]:
-            del self._callables[k]
-        return self._subchannels.pop(target)
 
     # -- picking ----------------------------------------------------------------------
 
     async def _acquire(self, tried: frozenset[str], key: bytes | None, deadline: float | None,
                        wait_for_ready: bool, kind: str, method: str, make: Callable[[grpc.aio.Channel], Any]) -> tuple[Endpoint, str, Any]:
-        first_answer = None if wait_for_ready else _deadline(self._table_wait, self._clock)
-        while True:
-            if self._closed:
-                raise grpc.aio.UsageError("Cannot invoke RPC on closed channel!")
-            ep = self._core.pick(self._clock(), tried, key)
-            if ep is not None:
-                target = self._core.started(ep)
-                mc = self._callables.get((target, kind, method))
-                if mc is None:
-                    mc = self._callables[(target, kind, method)] = make(self._subchannels[target])
-                return ep, target, mc
-            if tried:
-                raise _Exhausted()
-            if self._has_answer and not wait_for_ready:
-                raise self._no_endpoint()
-            limits = [t for t in (deadline, None if self._has_answer else first_answer) if t is not None]
-            until = min(limits) if limits else None
-            left = _remaining(until, self._clock)
-            if left is not None and left <= 0:
-                if until == deadline:
-                    raise BalancerRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           f"no endpoint of {self.service} to call before the deadline "
-                                           f"({self._no_endpoint().details()})")
-                raise self._no_endpoint()
+        first_answer = self._first_answer(wait_for_ready)
+        while (got := self._pick(tried, key, kind, method, make)) is None:
+            left = self._wait_time(tried, deadline, first_answer, wait_for_ready)
             changed = self._changed
             try:
                 async with asyncio.timeout(left):
                     await changed.wait()
             except TimeoutError:
                 pass
-
-    def _no_endpoint(self) -> BalancerRpcError:
-        core = self._core
-        if core.missing:
-            return BalancerRpcError(grpc.StatusCode.NOT_FOUND, core.error or f'service "{self.service}" not found')
-        if core.table is None:
-            why = f": {core.error}" if core.error else " (the agent has not answered)"
-            return BalancerRpcError(grpc.StatusCode.UNAVAILABLE, f"no table for service {self.service} yet{why}")
-        return BalancerRpcError(grpc.StatusCode.UNAVAILABLE,
-                                f"service {self.service} has no ready endpoint (table version {core.table.version})")
-
-    def _release(self, ep: Endpoint, target: str, outcome: Outcome) -> None:
-        for t in self._core.finished(ep, target, outcome, self._clock()):
-            if t in self._subchannels:
-                self._spawn(self._drop(t).close())
-
-    def _may_retry(self, exc: grpc.RpcError, method: str) -> bool:
-        code = exc.code() if hasattr(exc, "code") else None
-        idem = self._idempotent is True or (not isinstance(self._idempotent, bool) and method in self._idempotent)
-        details = (exc.details() if hasattr(exc, "details") else "") or ""
-        if not isinstance(code, grpc.StatusCode) or not retryable(code.name, details, idempotent=idem):
-            return False
-        return self._core.try_retry()
-
-    @staticmethod
-    def _outcome(code: grpc.StatusCode | None, seconds: float) -> Outcome:
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return Outcome(seconds=None, transport_failed=True)
-        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, None):
-            return Outcome(seconds=None)
-        return Outcome(seconds=seconds)
+        return got
 
     def _release_when_done(self, call: Any, ep: Endpoint, target: str, started: float) -> None:
         """Release the attempt once its (request-streaming) call ends."""
@@ -237,22 +121,6 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         call.add_done_callback(lambda _call: self._spawn(finish()))
 
     # -- grpc.aio.Channel -----------------------------------------------------------
-
-    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
-                    _registered_method: bool | None = False) -> _AioUnaryUnary:
-        return _AioUnaryUnary(self, method, request_serializer, response_deserializer, _registered_method)
-
-    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
-                     _registered_method: bool | None = False) -> _AioUnaryStream:
-        return _AioUnaryStream(self, method, request_serializer, response_deserializer, _registered_method)
-
-    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
-                     _registered_method: bool | None = False) -> _AioStreaming:
-        return _AioStreaming(self, method, request_serializer, response_deserializer, _registered_method, "stream_unary")
-
-    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
-                      _registered_method: bool | None = False) -> _AioStreaming:
-        return _AioStreaming(self, method, request_serializer, response_deserializer, _registered_method, "stream_stream")
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """READY while the table has an endpoint; IDLE before the first table;
@@ -278,15 +146,6 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
                 raise grpc.aio.UsageError("channel closed")
             await self._changed.wait()
 
-    def endpoints(self) -> tuple[Endpoint, ...]:
-        return self._core.endpoints
-
-    def subchannels(self) -> tuple[str, ...]:
-        return tuple(sorted(self._subchannels))
-
-    def table_version(self) -> int | None:
-        return self._core.table.version if self._core.table is not None else None
-
     async def close(self, grace: float | None = None) -> None:
         """Stop following the table and close every sub-channel."""
         if self._closed:
@@ -298,11 +157,7 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             await self._follower
         except BaseException:  # noqa: BLE001 - its cancellation, or a failure already reported
             pass
-        self._core.close()
-        channels = list(self._subchannels.values())
-        self._subchannels.clear()
-        self._callables.clear()
-        for ch in channels:
+        for ch in self._forget_all():
             await ch.close(grace)
         for task in list(self._background):
             await asyncio.gather(task, return_exceptions=True)
@@ -315,24 +170,16 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         await self.close()
 
 
-class _AioMulti:
-    kind = ""
+class _AioMulti(MultiCallableShell):
+    _ch: AioBalancedChannel
 
-    def __init__(self, channel: AioBalancedChannel, method: str, ser: Any, deser: Any, registered: bool | None) -> None:
-        self._ch = channel
-        self._method = method
-        self._ser = ser
-        self._deser = deser
-        self._registered = registered
-
-    def _make(self, sub: grpc.aio.Channel) -> Any:
-        factory = getattr(sub, self.kind)
-        return factory(self._method, request_serializer=self._ser, response_deserializer=self._deser,
-                       _registered_method=self._registered)
-
-    async def _acquire(self, tried: frozenset[str], key: bytes | None, deadline: float | None,
+    async def _acquire(self, attempts: Attempts, key: bytes | None, deadline: float | None,
                        wait_for_ready: bool | None) -> tuple[Endpoint, str, Any]:
-        return await self._ch._acquire(tried, key, deadline, bool(wait_for_ready), self.kind, self._method, self._make)
+        try:
+            return await self._ch._acquire(attempts.exclude, key, deadline, bool(wait_for_ready), self.kind,
+                                           self._method, self._make)
+        except Exhausted:
+            raise attempts.exhausted() from None
 
 
 class _AioUnaryUnary(_AioMulti, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -346,33 +193,12 @@ class _AioUnaryUnary(_AioMulti, grpc.aio.UnaryUnaryMultiCallable):  # type: igno
     async def _invoke(self, request: Any, timeout: float | None, metadata: Metadata | None, credentials: Any,
                       wait_for_ready: bool | None, compression: Any, hash_key: bytes | str | None) -> Any:
         ch = self._ch
-        deadline = _deadline(timeout, ch._clock)
-        key = hash_key_of(hash_key, metadata)
-        ch._core.request()
-        tried: set[str] = set()
-        last: grpc.RpcError | None = None
+        deadline, key, attempts = self._begin(timeout, metadata, hash_key)
         while True:
-            try:
-                ep, target, mc = await self._acquire(frozenset(tried), key, deadline, wait_for_ready)
-            except _Exhausted:
-                assert last is not None
-                raise last from None
-            started = ch._clock()
-            try:
-                response = await mc(request, timeout=_remaining(deadline, ch._clock), metadata=metadata,
-                                    credentials=credentials, wait_for_ready=False, compression=compression)
-            except grpc.aio.AioRpcError as exc:
-                ch._release(ep, target, ch._outcome(exc.code(), ch._clock() - started))
-                if ch._may_retry(exc, self._method):
-                    tried.add(ep.replica_id)
-                    last = exc
-                    continue
-                raise
-            except BaseException:
-                ch._release(ep, target, Outcome(seconds=None))
-                raise
-            ch._release(ep, target, Outcome(seconds=ch._clock() - started))
-            return response
+            ep, target, mc = await self._acquire(attempts, key, deadline, wait_for_ready)
+            with attempts.attempt(ep, target):  # a retryable failure goes round again
+                return await mc(request, timeout=remaining(deadline, ch._clock), metadata=metadata,
+                                credentials=credentials, wait_for_ready=False, compression=compression)
 
 
 class _AioResponseStream:
@@ -382,7 +208,7 @@ class _AioResponseStream:
                  credentials: Any, wait_for_ready: bool | None, compression: Any, key: bytes | None) -> None:
         self._owner = owner
         self._args = (request, metadata, credentials, compression)
-        self._deadline = _deadline(timeout, owner._ch._clock)
+        self._deadline = deadline_after(timeout, owner._ch._clock)
         self._wait_for_ready = wait_for_ready
         self._key = key
         self._call: Any = None
@@ -391,41 +217,23 @@ class _AioResponseStream:
     async def _run(self) -> AsyncIterator[Any]:
         owner, ch = self._owner, self._owner._ch
         request, metadata, credentials, compression = self._args
-        ch._core.request()
-        tried: set[str] = set()
-        last: grpc.RpcError | None = None
-        got = False
+        ch._request()
+        attempts = Attempts(ch, owner._method)
         while True:
-            try:
-                ep, target, mc = await owner._acquire(frozenset(tried), self._key, self._deadline, self._wait_for_ready)
-            except _Exhausted:
-                assert last is not None
-                raise last from None
-            started = ch._clock()
-            outcome = Outcome(seconds=None)
-            try:
-                self._call = mc(request, timeout=_remaining(self._deadline, ch._clock), metadata=metadata,
+            ep, target, mc = await owner._acquire(attempts, self._key, self._deadline, self._wait_for_ready)
+            with attempts.attempt(ep, target):  # a retryable failure goes round again
+                self._call = mc(request, timeout=remaining(self._deadline, ch._clock), metadata=metadata,
                                 credentials=credentials, wait_for_ready=False, compression=compression)
-                async for item in self._call:
-                    got = True
-                    yield item
-                outcome = Outcome(seconds=ch._clock() - started)
-                return
-            except grpc.aio.AioRpcError as exc:
-                outcome = ch._outcome(exc.code(), ch._clock() - started)
-                if not got and ch._may_retry(exc, owner._method):
-                    tried.add(ep.replica_id)
-                    last = exc
-                    continue
-                raise
-            except GeneratorExit:
-                # The caller stopped reading: end the call rather than leave it running
-                # on a sub-channel that no longer counts it.
-                if self._call is not None:
+                try:
+                    async for item in self._call:
+                        attempts.retry = False  # the first response came: the call stays here
+                        yield item
+                except GeneratorExit:
+                    # The caller stopped reading: end the call rather than leave it running
+                    # on a sub-channel that no longer counts it.
                     self._call.cancel()
-                raise
-            finally:
-                ch._release(ep, target, outcome)
+                    raise
+                return
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses
@@ -470,11 +278,6 @@ class _AioStreaming(_AioMulti):
     """Stream-unary and stream-stream: balanced, never retried (requests are consumed
     as they are sent)."""
 
-    def __init__(self, channel: AioBalancedChannel, method: str, ser: Any, deser: Any, registered: bool | None,
-                 kind: str) -> None:
-        super().__init__(channel, method, ser, deser, registered)
-        self.kind = kind
-
     def __call__(self, request_iterator: Any = None, *, timeout: float | None = None,
                  metadata: Metadata | None = None, credentials: Any = None, wait_for_ready: bool | None = None,
                  compression: Any = None, hash_key: bytes | str | None = None) -> Any:
@@ -490,9 +293,8 @@ class _AioStreaming(_AioMulti):
                      credentials: Any, wait_for_ready: bool | None, compression: Any,
                      hash_key: bytes | str | None) -> Any:
         ch = self._ch
-        ch._core.request()
-        ep, target, mc = await self._acquire(frozenset(), hash_key_of(hash_key, metadata),
-                                             _deadline(timeout, ch._clock), wait_for_ready)
+        deadline, key, attempts = self._begin(timeout, metadata, hash_key, retry=False)
+        ep, target, mc = await self._acquire(attempts, key, deadline, wait_for_ready)
         started = ch._clock()
         try:
             call = mc(request_iterator, timeout=timeout, metadata=metadata, credentials=credentials,
@@ -502,6 +304,14 @@ class _AioStreaming(_AioMulti):
             raise
         ch._release_when_done(call, ep, target, started)
         return call
+
+
+class _AioStreamUnary(_AioStreaming):
+    kind = "stream_unary"
+
+
+class _AioStreamStreamMulti(_AioStreaming):
+    kind = "stream_stream"
 
 
 class _AioStreamStream:

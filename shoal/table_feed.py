@@ -17,7 +17,8 @@ Rules
   disappears while followed.
 
 `follow_step` is the decision, pure and tested with tables; `TableFeed.follow` is the
-asyncio loop around it.
+asyncio loop around it; `watch_table` is the `Control.WatchTable` handler over it, the
+one both the agent's client API and the leader's Control service serve.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-from shoal.errors import NotFound
-from shoal.v1 import types_pb2
+import grpc
 
-__all__ = ["TableFeed", "follow_step"]
+from shoal.errors import NotFound
+from shoal.v1 import control_pb2, types_pb2
+
+__all__ = ["TableFeed", "follow_step", "watch_table"]
 
 
 def follow_step(
@@ -84,3 +87,20 @@ class TableFeed:
                 yield table
                 continue
             await changed.wait()
+
+
+async def watch_table(tables: TableFeed | None, request: control_pb2.WatchTableRequest,
+                      context: grpc.aio.ServicerContext, *, holder: str) -> AsyncIterator[types_pb2.Table]:
+    """`Control.WatchTable` on a server whose copy of the tables is `tables` (None: it
+    holds none, UNIMPLEMENTED); `holder` names the server in that message ("agent")."""
+    if tables is None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this {holder} holds no copy of the tables")
+        return
+    try:
+        async for table in tables.follow(request.service):
+            yield table
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except NotFound as exc:
+        # The only ShoalError a follow raises.
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))

@@ -148,7 +148,16 @@ class DevAgent:
 def whoami_deployment(whoami: pathlib.Path, name: str, replicas: int, *, placement: str = "") -> str:
     """A Deployment of `replicas` whoami processes (the process driver, container port
     8080, answering with their replica id), the workload most end-to-end tests run."""
+    return process_deployment(name, replicas, "whoami", [str(whoami)], port=8080, placement=placement)
+
+
+def process_deployment(name: str, replicas: int, container: str, command: list[str], *,
+                       port: int | None = None, placement: str = "") -> str:
+    """A Deployment of `replicas` copies of `command` on the process driver, pods
+    labelled app=`name`, with a container port when `port` is given."""
     annotations = "    shoal.io/driver: process\n" + (f"    shoal.io/placement: {placement}\n" if placement else "")
+    # JSON strings are YAML double-quoted strings: any command line survives.
+    ports = f"        ports:\n        - containerPort: {port}\n" if port is not None else ""
     return f"""\
 apiVersion: apps/v1
 kind: Deployment
@@ -164,11 +173,9 @@ metadata:
       labels: {{app: {name}}}
     spec:
       containers:
-      - name: whoami
-        command: ["{whoami}"]
-        ports:
-        - containerPort: 8080
-"""
+      - name: {container}
+        command: {json.dumps(command)}
+{ports}"""
 
 
 def service_manifest(name: str, port: int, *, balance: str = "") -> str:

@@ -5,6 +5,9 @@ and a deadline. `eventually` (async) and `wait_until` (sync) call `fn` until it 
 something truthy and return that value. An exception from `fn` counts as "not yet" (the
 server may not listen yet); at the deadline they fail with AssertionError naming what
 was awaited and the last value or error seen.
+
+`docker_with_image` is the gate of the tests that need the Docker Engine: a client, or
+the test skipped with the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["eventually", "free_port", "wait_until"]
+import pytest
+
+__all__ = ["docker_with_image", "eventually", "free_port", "wait_until"]
 
 
 def _timed_out(what: str, timeout: float, last_value: Any, last_exc: BaseException | None) -> AssertionError:
@@ -79,3 +84,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+def docker_with_image(image: str = "shoal-test/whoami:latest") -> Any:
+    """A Docker SDK client whose engine answers and holds `image`; skips the test otherwise."""
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(image)
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable engine here
+        pytest.skip(f"Docker Engine or the {image} image not available: {exc}")
+    return client

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from helpers import eventually, free_port
+from helpers import docker_with_image, eventually, free_port
 from shoal.agent.probe_state import Change, ReadinessChanged, ReplicaProbes, Restart, Role
 from shoal.agent.probes import (
     ProbeExecutor,
@@ -366,13 +366,7 @@ async def test_run_probes_cancels_what_is_in_flight() -> None:
 @pytest_asyncio.fixture
 async def docker_runtime() -> AsyncIterator[Any]:
     """A DockerRuntime with a node name of its own; skipped without an engine and image."""
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env()
-        client.ping()
-        client.images.get("shoal-test/whoami:latest")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Docker Engine or shoal-test/whoami not available: {exc}")
+    client = docker_with_image()
     from shoal.agent.runtime.docker import LABEL_NODE, DockerRuntime
 
     node = f"test-{uuid.uuid4().hex[:10]}"

@@ -23,17 +23,21 @@ from helpers import eventually, free_port
 TIMEOUT = 5.0
 
 
-class Backend:
-    """Answers every connection with its name and a newline, then echoes until EOF."""
+class Server:
+    """A backend whose behaviour is one coroutine per connection; it records what it
+    received and how many connections it saw."""
 
-    def __init__(self, name: str, delay: float = 0.0) -> None:
-        self.name = name
-        self.delay = delay  # before the greeting: a slow replica
+    def __init__(self, handle: Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.handle = handle
         self.server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0
+        self.received = bytearray()
+        self.taken = 0  # bytes read and not kept
+        self.sent = 0
+        self.done = asyncio.Event()  # set when a connection's handler has returned
 
-    async def start(self) -> Backend:
+    async def start(self) -> Server:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -41,21 +45,38 @@ class Backend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            writer.write(f"{self.name}\n".encode())
-            await writer.drain()
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+            await self.handle(self, reader, writer)
         except ConnectionError:
             pass
         finally:
             writer.close()
+            self.done.set()
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+class Backend(Server):
+    """Answers every connection with its name and a newline, then echoes until EOF."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        super().__init__(Backend._greet_and_echo)
+        self.name = name
+        self.delay = delay  # before the greeting: a slow replica
+
+    async def _greet_and_echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        writer.write(f"{self.name}\n".encode())
+        await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.server is not None:
             await self.server.wait_closed()
 
 
@@ -306,40 +327,6 @@ def run_on(loop: str, main: Callable[[], Awaitable[None]]) -> None:
         runner.run(asyncio.wait_for(main(), 30))
 
 
-class Server:
-    """A backend whose behaviour is one coroutine per connection; it records what it
-    received and how many connections it saw."""
-
-    def __init__(self, handle: Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
-        self.handle = handle
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.connections = 0
-        self.received = bytearray()
-        self.taken = 0  # bytes read and not kept
-        self.sent = 0
-        self.done = asyncio.Event()  # set when a connection's handler has returned
-
-    async def start(self) -> Server:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await self.handle(self, reader, writer)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            self.done.set()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 async def greet_and_echo(s: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"b\n")
     while data := await reader.read(65536):
@@ -381,6 +368,12 @@ class Setup:
         for s in self.servers:
             await s.stop()
 
+    async def __aenter__(self) -> Setup:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     def value(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, {"service": "web", **labels}) or 0.0
 
@@ -390,6 +383,12 @@ class Setup:
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), TIMEOUT)
+
+    async def greeted(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection through the proxy to a `greet_and_echo`-style endpoint, its greeting read."""
+        reader, writer = await self.connect()
+        assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"b\n"
+        return reader, writer
 
 
 def cfg(**kw: Any) -> ProxyConfig:
@@ -401,8 +400,7 @@ def test_an_endpoint_that_closes_before_answering_gets_the_request_replayed_else
         loop: str, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         dying, good = Server(read_then_close), Server(greet_and_echo)
-        s = await Setup(tmp_path).start(dying, good)
-        try:
+        async with await Setup(tmp_path).start(dying, good) as s:
             reader, writer = await s.connect()
             writer.write(b"hello")  # before any answer: kept for a replay
             assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"b\n"
@@ -416,8 +414,6 @@ def test_an_endpoint_that_closes_before_answering_gets_the_request_replayed_else
             assert s.value("shoal_proxy_connections_total", endpoint="web-1") == 1
             assert s.value("shoal_proxy_bytes_total", direction="out") == 7
             assert s.proxy.routes[s.port].active == 0
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -430,16 +426,13 @@ def test_nothing_is_replayed_after_the_first_answer(loop: str, tmp_path: pathlib
 
     async def main() -> None:
         first, other = Server(greet_then_close), Server(greet_and_echo)
-        s = await Setup(tmp_path).start(first, other)
-        try:
+        async with await Setup(tmp_path).start(first, other) as s:
             reader, writer = await s.connect()
             assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"a\n"
             writer.write(b"hello")
             assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # the endpoint's close reaches the client
             writer.close()
             assert other.connections == 0
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -448,8 +441,7 @@ def test_nothing_is_replayed_after_the_first_answer(loop: str, tmp_path: pathlib
 def test_endpoint_down_moves_a_waiting_connection_and_cuts_a_spliced_one(loop: str, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         stuck, good = Server(mute), Server(greet_and_echo)
-        s = await Setup(tmp_path).start(stuck, good)
-        try:
+        async with await Setup(tmp_path).start(stuck, good) as s:
             reader, writer = await s.connect()
             writer.write(b"ping")
             await eventually(lambda: stuck.received == b"ping", TIMEOUT, 0.01, what="the request at the mute endpoint")
@@ -462,8 +454,6 @@ def test_endpoint_down_moves_a_waiting_connection_and_cuts_a_spliced_one(loop: s
             writer.close()
             await eventually(lambda: not s.proxy._live, TIMEOUT, 0.01, what="the connection to end")
             assert s.value("shoal_proxy_errors_total", kind="dropped") == 1
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -482,19 +472,15 @@ def test_half_close_is_forwarded_both_ways(loop: str, tmp_path: pathlib.Path) ->
 
     async def main() -> None:
         # Client first: its EOF reaches the endpoint, whose answer still comes back.
-        s = await Setup(tmp_path).start(Server(answer_after_eof))
-        try:
+        async with await Setup(tmp_path).start(Server(answer_after_eof)) as s:
             reader, writer = await s.connect()
             writer.write(b"abc")
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"cba"
             writer.close()
-        finally:
-            await s.stop()
         # Endpoint first: the client sees its EOF and can still send.
         listener = Server(greet_then_listen)
-        s = await Setup(tmp_path).start(listener)
-        try:
+        async with await Setup(tmp_path).start(listener) as s:
             reader, writer = await s.connect()
             assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"done talking\n"
             writer.write(b"still here")
@@ -503,8 +489,6 @@ def test_half_close_is_forwarded_both_ways(loop: str, tmp_path: pathlib.Path) ->
             assert listener.received == b"still here"
             writer.close()
             await eventually(lambda: not s.proxy._live, TIMEOUT, 0.01, what="the connection to end")
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -533,10 +517,8 @@ def test_a_slow_reader_pauses_the_writer_and_bounds_what_the_proxy_holds(
     async def main() -> None:
         chunk = 65536
         backend = Server(firehose)
-        s = await Setup(tmp_path, cfg(chunk=chunk)).start(backend)
-        try:
-            reader, writer = await s.connect()
-            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"b\n"
+        async with await Setup(tmp_path, cfg(chunk=chunk)).start(backend) as s:
+            reader, writer = await s.greeted()
             c = s.client()
             if slow == "client":
                 # The client reads nothing: the proxy stops reading the endpoint, whose
@@ -563,8 +545,6 @@ def test_a_slow_reader_pauses_the_writer_and_bounds_what_the_proxy_holds(
             writer.close()
             await eventually(lambda: s.value("shoal_proxy_bytes_total", direction="out" if slow == "client" else "in")
                              >= total, TIMEOUT, 0.01, what="the bytes counted")
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -579,8 +559,7 @@ async def _flood(writer: asyncio.StreamWriter, total: int, block: bytes) -> None
 def test_an_endpoint_that_never_answers_is_cut_and_charged(loop: str, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         stuck = Server(mute)
-        s = await Setup(tmp_path, cfg(answer_timeout=0.2)).start(stuck)
-        try:
+        async with await Setup(tmp_path, cfg(answer_timeout=0.2)).start(stuck) as s:
             reader, writer = await s.connect()
             writer.write(b"ping")
             assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
@@ -588,8 +567,6 @@ def test_an_endpoint_that_never_answers_is_cut_and_charged(loop: str, tmp_path: 
             assert stuck.received == b"ping"
             assert s.value("shoal_proxy_errors_total", kind="answer_timeout") == 1
             assert s.proxy.routes[s.port].ejector._streak == {"web-0": 1}
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -597,17 +574,13 @@ def test_an_endpoint_that_never_answers_is_cut_and_charged(loop: str, tmp_path: 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_an_idle_connection_is_closed(loop: str, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
-        s = await Setup(tmp_path, cfg(idle_timeout=0.2)).start(Server(greet_and_echo))
-        try:
-            reader, writer = await s.connect()
-            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"b\n"
+        async with await Setup(tmp_path, cfg(idle_timeout=0.2)).start(Server(greet_and_echo)) as s:
+            reader, writer = await s.greeted()
             assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # nothing either way: closed
             writer.close()
             assert s.value("shoal_proxy_errors_total", kind="answer_timeout") == 0  # idle is no failure
             await eventually(lambda: s.value("shoal_proxy_active_connections") == 0, TIMEOUT, 0.01,
                              what="no active connection")
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -615,10 +588,8 @@ def test_an_idle_connection_is_closed(loop: str, tmp_path: pathlib.Path) -> None
 @pytest.mark.parametrize("loop", LOOPS)
 def test_connections_over_the_limit_are_closed(loop: str, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
-        s = await Setup(tmp_path, cfg(max_connections=1)).start(Server(greet_and_echo))
-        try:
-            reader, writer = await s.connect()
-            assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"b\n"
+        async with await Setup(tmp_path, cfg(max_connections=1)).start(Server(greet_and_echo)) as s:
+            reader, writer = await s.greeted()
             r2, w2 = await s.connect()
             assert await asyncio.wait_for(r2.read(), TIMEOUT) == b""
             w2.close()
@@ -627,8 +598,6 @@ def test_connections_over_the_limit_are_closed(loop: str, tmp_path: pathlib.Path
             writer.close()
             await eventually(lambda: s.proxy.routes[s.port].active == 0, TIMEOUT, 0.01, what="the slot freed")
             assert await ask(s.port) == "b"
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -710,17 +679,14 @@ def test_a_connect_that_hangs_times_out_and_goes_elsewhere(loop: str, tmp_path: 
         fillers.append(f)
 
     async def main() -> None:
-        s = Setup(tmp_path, cfg(connect_timeout=0.2))
-        good = await Server(greet_and_echo).start()
-        s.servers = [good]
-        await s.proxy.update([table("web", [s.port], [endpoint("web-0", blackhole.getsockname()[1]),
-                                                      endpoint("web-1", good.port)])])
-        try:
+        async with Setup(tmp_path, cfg(connect_timeout=0.2)) as s:
+            good = await Server(greet_and_echo).start()
+            s.servers = [good]
+            await s.proxy.update([table("web", [s.port], [endpoint("web-0", blackhole.getsockname()[1]),
+                                                          endpoint("web-1", good.port)])])
             assert await ask(s.port) == "b"
             assert s.value("shoal_proxy_errors_total", kind="connect") == 1
             assert s.value("shoal_proxy_retries_total") == 1
-        finally:
-            await s.stop()
 
     try:
         run_on(loop, main)
@@ -740,8 +706,7 @@ def test_a_client_that_reads_nothing_after_the_endpoint_left_is_cut_when_idle(lo
         backend = Server(blob_then_close)
         # A write buffer larger than the blob: the proxy reads all of it, sees the
         # endpoint close, and is left holding what the client does not take.
-        s = await Setup(tmp_path, cfg(idle_timeout=0.3, chunk=64 << 20)).start(backend)
-        try:
+        async with await Setup(tmp_path, cfg(idle_timeout=0.3, chunk=64 << 20)).start(backend) as s:
             _, writer = await s.connect()
             writer.write_eof()  # both directions end: the proxy closes the client's side...
             await asyncio.wait_for(backend.done.wait(), TIMEOUT)
@@ -750,8 +715,6 @@ def test_a_client_that_reads_nothing_after_the_endpoint_left_is_cut_when_idle(lo
             await eventually(lambda: not s.proxy._live, TIMEOUT, 0.02, what="the connection released")
             assert s.proxy.routes[s.port].active == 0
             writer.close()
-        finally:
-            await s.stop()
 
     run_on(loop, main)
 
@@ -761,8 +724,7 @@ def test_a_client_that_connects_and_leaves_charges_no_endpoint(loop: str, tmp_pa
     # What a TCP health check does: connect, close. The endpoint closes in turn without
     # a byte, which is no failure of its own: nothing is retried, nobody is ejected.
     async def main() -> None:
-        s = await Setup(tmp_path).start(Server(read_then_close), Server(read_then_close))
-        try:
+        async with await Setup(tmp_path).start(Server(read_then_close), Server(read_then_close)) as s:
             for _ in range(4):
                 _, writer = await s.connect()
                 writer.close()
@@ -771,7 +733,5 @@ def test_a_client_that_connects_and_leaves_charges_no_endpoint(loop: str, tmp_pa
             assert s.value("shoal_proxy_errors_total", kind="dropped") == 0
             assert s.value("shoal_proxy_retries_total") == 0
             assert s.proxy.routes[s.port].ejector._streak == {}
-        finally:
-            await s.stop()
 
     run_on(loop, main)

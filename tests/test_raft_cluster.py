@@ -327,18 +327,25 @@ ROUNDS = 2
 """Faults per test: the second hits a leader elected under load after the first."""
 
 
+async def kill_leaders_under_load(kv: Harness, w: Workload, *, acked: str) -> None:
+    """ROUNDS times: kill -9 the leader while `w` writes, report how soon a survivor
+    acknowledged a write (`acked` says how it reached one), restart the old leader and
+    wait for it to catch up and for writes to flow again."""
+    await w.acked_writes(20, since=0.0)
+    for _ in range(ROUNDS):
+        old = await kv.leader()
+        killed_at = time.monotonic()
+        kv.servers.kill(old)
+        first = await w.acked_writes(10, since=killed_at, by=lambda s, old=old: s != old)
+        print(f"first write acknowledged {acked} {first - killed_at:.3f} s after kill -9 of {old}")
+        kv.servers.start(old)
+        await kv.servers.caught_up(kv.conn, old, timeout=15.0)
+        await w.acked_writes(20, since=time.monotonic())
+
+
 async def test_leader_killed_and_restarted_under_load(kv: Harness) -> None:
     async with running(kv, "kill") as w:
-        await w.acked_writes(20, since=0.0)
-        for _ in range(ROUNDS):
-            old = await kv.leader()
-            killed_at = time.monotonic()
-            kv.servers.kill(old)
-            first = await w.acked_writes(10, since=killed_at, by=lambda s, old=old: s != old)
-            print(f"first write acknowledged by a new leader {first - killed_at:.3f} s after kill -9 of {old}")
-            kv.servers.start(old)
-            await kv.servers.caught_up(kv.conn, old, timeout=15.0)
-            await w.acked_writes(20, since=time.monotonic())
+        await kill_leaders_under_load(kv, w, acked="by a new leader")
     await w.verify(kv)
 
 
@@ -347,17 +354,7 @@ async def test_writes_through_followers_while_the_leader_is_killed(kv: Harness) 
     # leader may have lost. Each must apply once (the history says so) and none that
     # was acknowledged may be lost.
     async with running(kv, "fwd", forward=True) as w:
-        await w.acked_writes(20, since=0.0)
-        for _ in range(ROUNDS):
-            old = await kv.leader()
-            killed_at = time.monotonic()
-            kv.servers.kill(old)
-            first = await w.acked_writes(10, since=killed_at, by=lambda s, old=old: s != old)
-            print(f"first write acknowledged through a surviving server {first - killed_at:.3f} s after "
-                  f"kill -9 of {old}")
-            kv.servers.start(old)
-            await kv.servers.caught_up(kv.conn, old, timeout=15.0)
-            await w.acked_writes(20, since=time.monotonic())
+        await kill_leaders_under_load(kv, w, acked="through a surviving server")
     assert sum(1 for op in w.history if op.input.kind is OpKind.PUT and op.ret is not None) > 40
     await w.verify(kv)
 

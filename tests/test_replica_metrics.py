@@ -33,8 +33,8 @@ from shoal.agent.runtime import cgroups
 from shoal.agent.runtime.base import Observed
 from shoal.agent.runtime.process import ProcessRuntime
 from shoal.model import Driver, RunSpec
-from tests.cluster import DevAgent
-from tests.helpers import eventually, free_port, wait_until
+from tests.cluster import DevAgent, process_deployment
+from tests.helpers import docker_with_image, eventually, free_port, wait_until
 
 MIB = 1024 * 1024
 
@@ -197,13 +197,7 @@ async def test_process_replicas_report_their_tree_cpu_and_memory_and_nothing_onc
 
 @pytest.fixture(scope="module")
 def docker_client() -> Iterator[Any]:
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env()
-        client.ping()
-        client.images.get("shoal-test/whoami:latest")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Docker Engine or the shoal-test/whoami image not available: {exc}")
+    client = docker_with_image()
     yield client
     client.close()
 
@@ -284,36 +278,13 @@ def _scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-def _burn_deployment(name: str) -> str:
-    worker = _WORKER.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f"""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  annotations:
-    shoal.io/driver: process
-spec:
-  replicas: 2
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: burn
-        command: ["{sys.executable}", "-c", "{worker}"]
-"""
-
-
 @pytest.mark.e2e
 def test_an_agent_serves_replica_series_while_they_run_and_drops_them_after(tmp_path: pathlib.Path) -> None:
     agent = DevAgent(tmp_path / "agent", extra_args=("--driver", "process"))
     try:
         agent.start(timeout=60)
         manifest = tmp_path / "burn.yaml"
-        manifest.write_text(_burn_deployment("burn"))
+        manifest.write_text(process_deployment("burn", 2, "burn", [sys.executable, "-c", _WORKER]))
         r = agent.cli("apply", "-f", str(manifest))
         assert r.code == 0, r.err
 
