@@ -33,13 +33,16 @@ Rules
 - Upgrade (websocket): the request goes to a fresh connection; a 101 answer turns the
   pair into a byte tunnel (closed after the proxy's `idle_timeout` without traffic); any
   other answer is forwarded and the client's connection closed after it.
-- Heads: a request's head is rebuilt from the parsed fields (httptools reports no
-  offsets, and the framing must be the parser's, never a second guess of it): request
-  line, then the headers in order as received minus the hop-by-hop ones (Connection,
-  Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade and those Connection names), plus
-  `Connection: keep-alive` for HTTP/1.0. Bodies keep their framing: Content-Length pieces
-  go unchanged, chunked bodies are re-framed chunk by chunk with the same payload (chunk
-  extensions and trailers are dropped). A response is forwarded as received; its head is
+- Heads: a read that is exactly one HTTP/1.1 head with no body and none of the headers
+  the proxy acts on (hop-by-hop, framing, the hash header) goes as received, once
+  httptools (a parser without callbacks) accepted it: the usual request costs no Python
+  per header. Any other request's head is rebuilt from the parsed fields (httptools
+  reports no offsets, and the framing must be the parser's, never a second guess of it):
+  request line, then the headers in order as received minus the hop-by-hop ones
+  (Connection, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade and those Connection
+  names), plus `Connection: keep-alive` for HTTP/1.0. Bodies keep their framing:
+  Content-Length pieces go unchanged, chunked bodies are re-framed chunk by chunk with
+  the same payload (chunk extensions and trailers are dropped). A response is forwarded as received; its head is
   rewritten only when the client's connection needs other hop-by-hop headers than the
   endpoint sent (the client asked to close, speaks HTTP/1.0, or the endpoint closes).
 - Timeouts, enforced by one sweep per listener (no timer per request): a request head
@@ -53,9 +56,10 @@ Rules
 - Metrics per request: a count by endpoint and status class ("none" for the proxy's own
   answers), and the latency from the request's complete head to the last byte of its
   response (what a client waits: connects and retries included); errors by kind and
-  retries as in tcp mode. Requests and bytes are counted in plain integers and added to
-  the metrics at every sweep (`ServiceMeters.add_requests`), so they lag by at most a
-  second: a metric's lock per request would cost more than the rest of the request.
+  retries as in tcp mode. Requests, open connections and bytes are counted in plain
+  integers and added to the metrics at every sweep (`ServiceMeters.add_requests`), so
+  they lag by at most a second: a metric's lock per request would cost more than the
+  rest of the request.
 - `endpoint_down` (through `ServiceProxy.watch_endpoint`, one watch per endpoint
   connection): an idle pooled connection to the endpoint is closed; one waiting for a
   response counts as failed before the first byte (retried as above); one in the middle
@@ -72,9 +76,10 @@ to directly from the parser callback; only opening a new endpoint connection is 
 from __future__ import annotations
 
 import asyncio
-import bisect
+from bisect import bisect_left as _bisect_left
 import collections
 import functools
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,6 +102,13 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 # Request headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
 _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
 _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+# Header names a request head goes to the request parser for, searched for after a line
+# break in the lowercased head: the hop-by-hop ones, which are taken out, and the framing
+# ones, which mean a body. Prefixes, so longer names (te -> tea...) only take the slower
+# path. One regular expression: a dozen `bytes.find` calls cost three times as much.
+_SLOW_NAMES = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
+               b"transfer-encoding")
+_NO_CALLBACKS = object()  # what the fast path's parser calls back: nothing
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
             501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
@@ -183,7 +195,9 @@ class _Listener:
     __slots__ = ("proxy", "route", "config", "loop", "pools", "clients", "meters", "hash_name", "sweep",
                  "tick", "answer_timeout", "connect_timeout", "idle_timeout", "replay_limit", "chunk",
                  "max_connections", "now", "ejected", "counts", "buckets", "seconds", "max_header_bytes",
-                 "max_pipeline", "feedback")
+                 "max_pipeline", "feedback", "slow_head", "failing",
+                 "unearned", "opened", "bytes_in", "bytes_out",
+                 "keepalive_timeout", "pool_size")
 
     def __init__(self, proxy: ServiceProxy, route: Route, config: HttpConfig, hash_header: str) -> None:
         self.proxy = proxy
@@ -203,6 +217,11 @@ class _Listener:
                                              else None)
         keyed = route.algorithm is Algorithm.CONSISTENT_HASH and hash_header
         self.hash_name: bytes | None = hash_header.lower().encode("latin-1") if keyed else None
+        # What sends a read to the request parser instead of the fast path, as searched
+        # for in its lowercased bytes: one of those headers (the hash header too: its
+        # value is the key), or bytes after the end of a head.
+        names = _SLOW_NAMES + ((self.hash_name,) if self.hash_name is not None else ())
+        self.slow_head = re.compile(b"\r\n(?:" + b"|".join(re.escape(n) for n in names) + b"|\r\n.)", re.DOTALL)
         self.sweep: asyncio.TimerHandle | None = None
         # The sweep's period: an eighth of the shortest timeout (so each fires at most a
         # quarter late), between 10 ms and 1 s.
@@ -210,6 +229,8 @@ class _Listener:
                                            config.pool_idle_timeout, self.answer_timeout) / 8))
         self.now = self.loop.time()
         self.max_header_bytes = config.max_header_bytes
+        self.keepalive_timeout = config.keepalive_timeout
+        self.pool_size = config.pool_size
         self.max_pipeline = config.max_pipeline
         # Whether the picker uses `started`/`finished` (the others' are no-ops: two calls
         # a request saved).
@@ -217,27 +238,31 @@ class _Listener:
         # Ejected endpoints, as of the last sweep or failure: ejections last a second or
         # more, and asking the ejector on every request would cost a set per request.
         self.ejected: frozenset[str] = frozenset()
+        # Endpoints charged a failure since their last success: only their successes need
+        # telling the ejector (which counts failures in a row), as only this listener
+        # charges its route's endpoints.
+        self.failing: set[str] = set()
+        # Requests not yet credited to the route's retry budget (a call per request
+        # saved): they are credited before the budget is next asked for a retry, and at
+        # every sweep.
+        self.unearned = 0
         # Requests answered since the last sweep, in plain integers (a metric's lock per
         # request would cost more than the rest of the request): by (endpoint, status //
         # 100), latencies per bucket of LATENCY_BUCKETS (+Inf last), and their sum.
         self.counts: dict[tuple[str, int], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.seconds = 0.0
+        # Client connections opened less those closed, and bytes each way, since the
+        # last flush: added to the metrics with the requests (three metric locks a
+        # connection saved).
+        self.opened = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def __call__(self) -> _Client:
         return _Client(self)
 
     # --- pool ------------------------------------------------------------------------------
-
-    def acquire(self, replica_id: str) -> _Backend | None:
-        """The most recently used idle connection to `replica_id` (the likeliest to be
-        open still), or None."""
-        pool = self.pools.get(replica_id)
-        while pool:
-            b = pool.pop()
-            if not b.closed:
-                return b
-        return None
 
     def release(self, b: _Backend) -> None:
         """Take back a connection whose exchange ended cleanly."""
@@ -246,7 +271,7 @@ class _Listener:
         pool = self.pools.get(b.replica_id)
         if pool is None:
             pool = self.pools[b.replica_id] = []
-        if len(pool) >= self.config.pool_size:
+        if len(pool) >= self.pool_size:
             b.close()
             return
         b.client = None
@@ -287,7 +312,7 @@ class _Listener:
             return
         b = task.result()[1]
         if mine:
-            client._attach(b, ep, reused=False)
+            client._attach(b, ep, False)
         else:
             self.release(b)  # the client left: the connection serves the next one
 
@@ -295,23 +320,47 @@ class _Listener:
 
     def failure(self, replica_id: str) -> None:
         """`replica_id` failed a request: charge it (it may be ejected)."""
+        self.failing.add(replica_id)
         self.proxy._failure(self.route, replica_id)
         self.ejected = self.route.ejector.ejected(self.loop.time())
+
+    def earn(self) -> None:
+        """Credit the requests counted in `unearned` to the route's retry budget: as if
+        each had been credited when it came, since nothing asked the budget since. Each
+        request earns a share of a retry up to a cap, so past reserve / ratio of them
+        the budget is full whatever it held, and more need not be credited."""
+        n = self.unearned
+        if n:
+            self.unearned = 0
+            budget = self.route.budget
+            n = min(n, int(budget.reserve / budget.ratio) + 2 if budget.ratio > 0 else 1)
+            for _ in range(n):
+                budget.request()
 
     def count(self, endpoint: str, status: int, seconds: float) -> None:
         """One request answered, for the metrics (added at the next sweep)."""
         key = (endpoint, status // 100)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.buckets[_bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
         if self.sweep is None:
             self.arm()
 
     def flush(self) -> None:
-        """Add the requests counted since the last flush to the metrics."""
-        if self.counts and self.meters is not None:
-            self.meters.add_requests(self.counts, self.buckets, self.seconds)
+        """Add the requests, connections and bytes counted since the last flush to the
+        metrics."""
+        m = self.meters
+        if m is not None:
+            if self.counts:
+                m.add_requests(self.counts, self.buckets, self.seconds)
+            if self.opened:
+                m.active.inc(self.opened)  # connections opened less those closed: may be negative
+            if self.bytes_in:
+                m.bytes_in(self.bytes_in)
+            if self.bytes_out:
+                m.bytes_out(self.bytes_out)
+        self.opened = self.bytes_in = self.bytes_out = 0
         self.counts = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.seconds = 0.0
@@ -328,9 +377,10 @@ class _Listener:
         self.sweep = None
         now = self.now = self.loop.time()
         self.ejected = self.route.ejector.ejected(now)
-        self.flush()
+        self.earn()
         for client in list(self.clients):
             client.check(now)
+        self.flush()
         oldest = now - self.config.pool_idle_timeout
         live = {e.replica_id for e in self.route.picker.endpoints}
         for rid, pool in list(self.pools.items()):
@@ -346,27 +396,30 @@ class _Listener:
 class _Request:
     """One request parsed from a client: what is sent of it and what is kept to resend.
 
-    The defaults are class attributes, so a request stores only what differs from the
-    usual (it is made on every request)."""
+    Slotted, with every field set here: Python 3.11 reads a slot with one specialized
+    instruction, but a class-level default through an instance's dictionary the slow,
+    generic way, and a request's fields are read a dozen times."""
 
-    idempotent = False
-    keep_alive = True
-    http10 = False
-    upgrade = False
-    chunked = False
-    key: bytes | None = None
-    pending_bytes = 0
-    complete = False  # the whole request has been read from the client
-    stale_retried = False
-    refuse = 0  # a status to answer without asking any endpoint, then close
-    deferred = 0  # a status to answer once the body is read (and dropped)
+    __slots__ = ("method", "started", "kept", "kept_bytes", "pending", "idempotent", "keep_alive", "http10",
+                 "upgrade", "chunked", "key", "pending_bytes", "complete", "stale_retried", "refuse", "deferred")
 
-    def __init__(self, method: bytes, head: bytes, started: float) -> None:
+    def __init__(self, method: bytes, head: bytes, started: float, *, complete: bool = False) -> None:
         self.method = method
         self.started = started
         self.kept: list[bytes] | None = [head]  # everything sent so far; None once over replay_limit
         self.kept_bytes = len(head)
         self.pending: list[bytes] = [head]  # not yet written to the current endpoint connection
+        self.idempotent = method in IDEMPOTENT
+        self.keep_alive = True
+        self.http10 = False
+        self.upgrade = False
+        self.chunked = False
+        self.key: bytes | None = None
+        self.pending_bytes = 0
+        self.complete = complete  # the whole request has been read from the client
+        self.stale_retried = False
+        self.refuse = 0  # a status to answer without asking any endpoint, then close
+        self.deferred = 0  # a status to answer once the body is read (and dropped)
 
 
 class _Backend(asyncio.Protocol):
@@ -418,8 +471,10 @@ class _Backend(asyncio.Protocol):
         client = self.client
         if client is None:
             self.close()  # bytes nobody asked for: this connection's framing is lost
-        else:
+        elif self.head_sent:
             client.response_data(self, data)
+        else:
+            client.response_start(self, data)
 
     def eof_received(self) -> bool:
         return False
@@ -478,7 +533,7 @@ class _Client(asyncio.Protocol):
                  "conn_tokens", "upgrade_value", "hash_value", "backend", "ep", "connecting", "failed",
                  "answered", "sent_at", "keep_after", "phase", "deadline", "paused", "closed", "error",
                  "head_bytes", "peer_key", "bytes_in", "bytes_out", "tunnel_buf", "meters", "counted",
-                 "write_paused", "due")
+                 "write_paused", "due", "boundary", "head_check")
 
     def __init__(self, listener: _Listener) -> None:
         self.listener = listener
@@ -513,6 +568,10 @@ class _Client(asyncio.Protocol):
         self.counted = False  # in the route's active count and the listener's clients
         self.write_paused = False  # the client reads slower than its endpoint answers
         self.due = False  # the request at the head of the queue waits for the read to be parsed
+        # The request parser is between messages (fed nothing since its last complete
+        # one): a read holding exactly one bodiless request may take the fast path.
+        self.boundary = True
+        self.head_check: httptools.HttpRequestParser | None = None  # the fast path's parser, made on first use
 
     # --- asyncio: the client's side --------------------------------------------------------
 
@@ -529,8 +588,7 @@ class _Client(asyncio.Protocol):
             return
         self.counted = True
         route.active += 1
-        if self.meters is not None:
-            self.meters.active.inc()
+        listener.opened += 1
         transport.set_write_buffer_limits(high=listener.chunk)
         if route.algorithm is Algorithm.CONSISTENT_HASH:  # by client address (a syscall: only here)
             peer = transport.get_extra_info("peername")
@@ -542,6 +600,9 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        # (`boundary` is never set with a tunnel or without a request parser.)
+        if self.boundary and not self.queue and data[-4:] == b"\r\n\r\n" and self._fast_request(data):
+            return
         if self.phase == _TUNNEL:
             b = self.backend
             if b is not None and b.transport is not None:
@@ -564,6 +625,7 @@ class _Client(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.parser = None
+            self.boundary = False
             self.tunnel_buf = [data[upgrade.args[0]:]] if len(data) > upgrade.args[0] else []
             self.pause(_PAUSE_DONE)
         except httptools.HttpParserError:
@@ -595,8 +657,7 @@ class _Client(asyncio.Protocol):
             self.counted = False
             self.listener.clients.discard(self)
             self.route.active -= 1
-            if self.meters is not None:
-                self.meters.active.dec()
+            self.listener.opened -= 1
         self._flush_bytes()
         if self.connecting is not None:
             self.connecting.cancel()
@@ -609,6 +670,10 @@ class _Client(asyncio.Protocol):
             if self.ep is not None:
                 self.route.picker.finished(self.ep.replica_id, self.listener.loop.time() - self.sent_at)
         self.transport = None
+        # A parser refers back to its protocol: without this, every closed connection
+        # would wait for the cyclic garbage collector.
+        self.parser = self.head_check = None
+        self.boundary = False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -633,7 +698,53 @@ class _Client(asyncio.Protocol):
             if not self.paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
+    # --- the fast path: one whole bodiless request per read ----------------------------------
+
+    def _fast_request(self, data: bytes) -> bool:
+        """Take `data` (which ends with an empty line) as one request and send its head
+        as received, if it is the usual shape: one HTTP/1.1 head and nothing after it
+        (nothing pipelined), no body, none of the headers the proxy acts on (hop-by-hop,
+        framing; the hash header of a route keyed on one). Returns False, having changed
+        nothing, for anything else, which the request parser then reads.
+
+        httptools still checks the head, with a parser that has no callbacks (so no
+        Python runs per header): what it accepts has strict CRLF lines, no folded
+        values and no space before a colon, so a search for "\r\nname" in the
+        lowercased head finds every header of that name, and an endpoint reads the
+        forwarded head as the proxy did."""
+        listener = self.listener
+        if len(data) > listener.max_header_bytes or listener.slow_head.search(data.lower()) is not None:
+            return False
+        check = self.head_check
+        if check is None:
+            check = self.head_check = httptools.HttpRequestParser(_NO_CALLBACKS)
+        try:
+            check.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # The request parser gives the answer: 400, or 501 for CONNECT (which
+            # httptools reports as an upgrade).
+            self.head_check = None
+            return False
+        if not check.should_keep_alive():
+            # Without a Connection header, only HTTP/1.1 keeps the connection: HTTP/1.0
+            # gets its head rebuilt, other versions a 505, by the request parser. (RTSP/1.1,
+            # which httptools also parses, goes as received.)
+            self.head_check = None  # it now expects the connection to close
+            return False
+        req = _Request(check.get_method(), data, listener.loop.time(), complete=True)
+        listener.now = req.started
+        if self.peer_key is not None:
+            req.key = self.peer_key
+        self.head_bytes = 0
+        listener.unearned += 1
+        self.queue.append(req)
+        self._dispatch()
+        return True
+
     # --- httptools: the request parser's callbacks ------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.boundary = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -678,8 +789,6 @@ class _Client(asyncio.Protocol):
         head = b"%b %b %b%b" % (method, self.url, b"HTTP/1.0\r\n" if http10 else b"HTTP/1.1\r\n", b"".join(headers))
         req = _Request(method, head, listener.loop.time())
         listener.now = req.started
-        if method in IDEMPOTENT:
-            req.idempotent = True
         if not parser.should_keep_alive():
             req.keep_alive = False
         if http10:
@@ -699,7 +808,7 @@ class _Client(asyncio.Protocol):
         self.headers = []
         self.head_bytes = 0
         self.parsing = req
-        self.route.budget.request()
+        listener.unearned += 1
         queue = self.queue
         queue.append(req)
         if len(queue) == 1:
@@ -714,6 +823,7 @@ class _Client(asyncio.Protocol):
         self._send(req, piece)
 
     def on_message_complete(self) -> None:
+        self.boundary = True
         req = self.parsing
         if req is None:
             return
@@ -755,7 +865,12 @@ class _Client(asyncio.Protocol):
             self._answer(req.refuse, close=True)
             return
         listener = self.listener
-        ep = self._pick(req.key)
+        if self.failed or listener.ejected:
+            ep = self._pick(req.key)
+        else:  # the usual: a first attempt with every endpoint in rotation
+            ep = self.route.picker.pick(key=req.key)
+            if ep is None and self.meters is not None:
+                self.meters.error("no_endpoint")
         if ep is None:
             status = 502 if self.failed else 503
             if not req.complete and req is self.parsing:
@@ -768,11 +883,14 @@ class _Client(asyncio.Protocol):
             return
         self.phase = _WAIT
         self.deadline = listener.now + listener.answer_timeout
-        b = None if req.upgrade else listener.acquire(ep.replica_id)
-        if b is not None:
-            self._attach(b, ep, reused=True)
-        else:
-            listener.connect(self, ep)
+        if not req.upgrade:
+            pool = listener.pools.get(ep.replica_id)
+            while pool:  # the most recently used idle connection: the likeliest to be open still
+                b = pool.pop()
+                if not b.closed:
+                    self._attach(b, ep, True)
+                    return
+        listener.connect(self, ep)
 
     def _pick(self, key: bytes | None) -> Endpoint | None:
         """The endpoint for the request's next attempt, or None: ejected endpoints only
@@ -792,6 +910,7 @@ class _Client(asyncio.Protocol):
                 listener.meters.error("no_endpoint")
             return ep
         m = listener.meters
+        listener.earn()
         if not route.budget.try_retry():
             # Retries are capped to a share of requests: under overload, a wave of
             # retries would only add to the load that caused the failures.
@@ -811,7 +930,7 @@ class _Client(asyncio.Protocol):
             m.retries.inc()  # another endpoint, after a failure
         return ep
 
-    def _attach(self, b: _Backend, ep: Endpoint, *, reused: bool) -> None:
+    def _attach(self, b: _Backend, ep: Endpoint, reused: bool) -> None:
         """Lend `b` to the request in flight and send it what there is of the request."""
         if self.closed:
             self.listener.release(b)
@@ -819,14 +938,15 @@ class _Client(asyncio.Protocol):
         req = self.queue[0]
         b.client = self
         b.reused = reused
-        b.head_request = req.method == b"HEAD"
+        if req.method == b"HEAD":
+            b.head_request = True  # (reset to False with the rest after every response)
         self.backend = b
         self.ep = ep
         self.answered = False
         self.keep_after = req.keep_alive
-        if self.listener.feedback:
+        if self.listener.feedback:  # (the other pickers ignore what `sent_at` measures)
             self.route.picker.started(ep.replica_id)
-        self.sent_at = self.listener.loop.time()
+            self.sent_at = self.listener.loop.time()
         transport = b.transport
         assert transport is not None
         if self.write_paused:
@@ -899,31 +1019,30 @@ class _Client(asyncio.Protocol):
             self._answer(502, close=not req.complete)
 
     def response_data(self, b: _Backend, data: bytes) -> None:
-        """Bytes from the endpoint connection lent to the request in flight."""
+        """Bytes from the endpoint connection lent to the request in flight, after the
+        response's head went to the client."""
         self.bytes_out += len(data)
         transport = self.transport
         assert transport is not None
-        if b.head_sent:
-            if b.tunnel:
-                transport.write(data)
-                self.deadline = self.listener.now + self.listener.idle_timeout
-                return
-            try:
-                b.parser.feed_data(data)
-            except httptools.HttpParserError:
-                b.done = True  # framing lost: forward what came, close both after it
-                b.keep = False
-                self.keep_after = False
+        if b.tunnel:
             transport.write(data)
-            self.deadline = self.listener.now + self.listener.answer_timeout
-            if b.done:
-                self._finish(b)
+            self.deadline = self.listener.now + self.listener.idle_timeout
             return
-        self._response_start(b, data)
+        try:
+            b.parser.feed_data(data)
+        except httptools.HttpParserError:
+            b.done = True  # framing lost: forward what came, close both after it
+            b.keep = False
+            self.keep_after = False
+        transport.write(data)
+        self.deadline = self.listener.now + self.listener.answer_timeout
+        if b.done:
+            self._finish(b)
 
-    def _response_start(self, b: _Backend, data: bytes) -> None:
+    def response_start(self, b: _Backend, data: bytes) -> None:
         """The first bytes of a response: interim heads, then the final head (kept back
         until complete, so it can be rewritten), then whatever body followed it."""
+        self.bytes_out += len(data)
         transport = self.transport
         assert transport is not None
         if b.interim:
@@ -946,6 +1065,18 @@ class _Client(asyncio.Protocol):
             else:
                 self._close()
             return
+        else:
+            if b.done and not b.held and not b.interim:
+                req = self.queue[0]
+                if b.keep and req.keep_alive and req.complete and not req.http10 and not req.upgrade:
+                    # The usual: a whole response in one read, its head as the endpoint
+                    # wrote it, as the client's connection stays open like the endpoint's.
+                    b.head_sent = True
+                    self.answered = True
+                    self.keep_after = True
+                    transport.write(data)
+                    self._finish(b)
+                    return
         if b.held:
             data = b.held + data
             b.held = b""
@@ -1005,14 +1136,22 @@ class _Client(asyncio.Protocol):
         now = listener.now = listener.loop.time()
         rid = b.replica_id
         route = self.route
-        picker = route.picker
         if listener.feedback:
-            picker.finished(rid, now - self.sent_at)
-        route.ejector.record(rid, True, now, len(picker.endpoints))
+            route.picker.finished(rid, now - self.sent_at)
+        if rid in listener.failing:  # a success ends its run of failures
+            listener.failing.discard(rid)
+            route.ejector.record(rid, True, now, len(route.picker.endpoints))
         served = route.served
         served[rid] = served.get(rid, 0) + 1
-        if self.meters is not None:
-            listener.count(rid, b.final, now - req.started)
+        if self.meters is not None:  # `_Listener.count`, inlined: this runs on every request
+            seconds = now - req.started
+            key = (rid, b.final // 100)
+            counts = listener.counts
+            counts[key] = counts.get(key, 0) + 1
+            listener.buckets[_bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            listener.seconds += seconds
+            if listener.sweep is None:
+                listener.arm()
         if b.keep and req.complete and not b.eof_ends:
             if b.head_request:
                 b.parser = httptools.HttpResponseParser(b)
@@ -1025,6 +1164,12 @@ class _Client(asyncio.Protocol):
             b.close()
         if self.failed:
             self.failed.clear()
+        if (self.keep_after and not self.queue and not self.paused and self.parsing is None and not self.head_bytes
+                and not self.error):
+            # `_next`'s usual case: the client's connection waits for its next request.
+            self.phase = _IDLE
+            self.deadline = now + listener.keepalive_timeout
+            return
         self._next(now)
 
     def _count(self, req: _Request, status: int, endpoint: str) -> None:
@@ -1080,6 +1225,7 @@ class _Client(asyncio.Protocol):
 
     def _fail_parse(self, status: int, kind: str) -> None:
         self.parser = None
+        self.boundary = False
         self.parsing = None
         self.pause(_PAUSE_DONE)
         if self.meters is not None:
@@ -1112,6 +1258,7 @@ class _Client(asyncio.Protocol):
             if self.meters is not None:
                 self.meters.error("header_timeout")
             self.parser = None
+            self.boundary = False
             self._answer_now(408)
         elif phase == _TUNNEL:
             self._close()
@@ -1134,10 +1281,10 @@ class _Client(asyncio.Protocol):
                 self._answer(504, close=not self.queue[0].complete)
 
     def _flush_bytes(self) -> None:
-        m = self.meters
-        if m is not None and (self.bytes_in or self.bytes_out):
-            m.bytes_in(self.bytes_in)
-            m.bytes_out(self.bytes_out)
+        """Hand the bytes counted since the last time to the listener's totals."""
+        listener = self.listener
+        listener.bytes_in += self.bytes_in
+        listener.bytes_out += self.bytes_out
         self.bytes_in = self.bytes_out = 0
 
 

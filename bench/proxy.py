@@ -541,12 +541,15 @@ RATIOS = (("shoal tcp", "haproxy tcp", True), ("shoal tcp, no metrics", "haproxy
           ("nginx tcp", "haproxy tcp", False), ("nginx http", "haproxy http", False))
 
 
-def proxies(work: pathlib.Path, backends: Sequence[int], threads: int, only: set[str]) -> dict[str, Proxy]:
+def proxies(work: pathlib.Path, backends: Sequence[int], threads: int, only: set[str],
+            http_only: bool = False) -> dict[str, Proxy]:
     here = str(pathlib.Path(__file__).resolve())
     to_backends = [a for b in backends for a in ("--backend", str(b))]
     made: dict[str, Proxy] = {}
     for name, (kind, mode) in ROWS.items():
         if kind in ("direct", "kernel") or name in NOT_IMPLEMENTED or (only and kind not in only):
+            continue
+        if http_only and mode != "http":
             continue
         port = free_port()
         d = work / name.replace(" ", "-").replace(",", "")
@@ -620,6 +623,7 @@ def main() -> None:
     p.add_argument("--only", default="",
                    help="comma-separated: shoal, python, haproxy, nginx, kernel (default: all; the direct row always "
                         "runs)")
+    p.add_argument("--http", action="store_true", help="only the http-mode rows (and the direct row)")
     p.add_argument("--install", action="store_true", help="apt-get install haproxy, nginx, wrk when missing (root)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                    help="py-spy flame graphs of the shoal rows into DIR (py-spy's sampling adds to their CPU)")
@@ -633,7 +637,7 @@ def main() -> None:
         sys.exit(f"missing: {', '.join(gone)}. Install with\n  apt-get install {' '.join(PACKAGES)}"
                  "   (Debian; or run with --install as root)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    kernel_wanted = not only or "kernel" in only
+    kernel_wanted = (not only or "kernel" in only) and not args.http
     if kernel_wanted and (why := kernel_unusable()):
         print(f"kernel rows skipped: {why}", flush=True)
         kernel_wanted = False
@@ -661,7 +665,7 @@ def main() -> None:
         backend = Proxy("backend", backend_ports[0],
                         ["nginx", "-p", str(work / "backend"), "-e", str(work / "backend" / "error.log"),
                          "-c", str(work / "backend" / "nginx.conf"), "-g", "daemon off;"])
-        under_test = proxies(work, backend_ports, args.proxy_threads, only)
+        under_test = proxies(work, backend_ports, args.proxy_threads, only, args.http)
         kernel = {name: KernelRules(name, free_port(), ports) for name, ports in kernel_backends.items()}
         started: list[Proxy] = [backend]
         try:

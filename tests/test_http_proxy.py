@@ -635,3 +635,223 @@ def test_http_mode_on_uvloop(tmp_path: Path) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         got = runner.run(scenario())
     assert got == [(200, b"u0 GET /a"), (200, b"u1 POST /b xy"), (200, b"u0 GET /chunked")]
+
+
+# --- reads split and joined: the fast path and the request parser -------------------------------
+#
+# These drive the protocols directly with in-memory transports, so each test decides exactly
+# what every `data_received` call holds: a head whole in one read (the fast path, forwarded
+# as received), split over two, pipelined behind another, or followed by a body.
+
+
+class Wire:
+    """An in-memory transport: what was written, whether it was closed."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def take(self) -> bytes:
+        data, self.out = b"".join(self.out), []
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+class Bench:
+    """One client connection of an http listener whose endpoint connections are pooled
+    in-memory ones (one endpoint, `b0`, two connections)."""
+
+    def __init__(self, proxy: ServiceProxy) -> None:
+        from shoal.agent.httpproxy import _Backend
+
+        route = Route(service="web", port=0, algorithm=Algorithm.ROUND_ROBIN,
+                      picker=make_picker(Algorithm.ROUND_ROBIN, [Endpoint(replica_id="b0", address="127.0.0.1",
+                                                                          port=9)], random.Random(1)))
+        self.listener = http_protocol_factory(proxy, route)
+        self.wires: dict[object, Wire] = {}
+        for _ in range(2):
+            b = _Backend(self.listener, "b0")
+            self.wires[b] = Wire()
+            b.connection_made(self.wires[b])  # type: ignore[arg-type]
+            self.listener.release(b)
+        self.client = self.listener()
+        self.wire = Wire()
+        self.client.connection_made(self.wire)  # type: ignore[arg-type]
+
+    def send(self, *reads: bytes) -> None:
+        for data in reads:
+            self.client.data_received(data)
+
+    def sent(self) -> tuple[object, bytes]:
+        """The one endpoint connection written to since the last call, and what it got."""
+        got = [(b, w.take()) for b, w in self.wires.items() if w.out]
+        assert len(got) == 1, f"expected one endpoint connection written to, got {len(got)}"
+        return got[0]
+
+    def answer(self, b: object, *reads: bytes) -> bytes:
+        """The endpoint connection `b` answers (in these reads); what the client got."""
+        for data in reads:
+            b.data_received(data)  # type: ignore[attr-defined]
+        return self.wire.take()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.fixture
+async def bench(setup) -> Bench:
+    return Bench(setup[0])
+
+
+async def test_a_whole_plain_head_goes_as_received(bench: Bench) -> None:
+    head = b"GET /a?x=1 HTTP/1.1\r\nhost: svc\r\nX-Trace:  spaced  \r\nAccept: */*\r\n\r\n"
+    bench.send(head)
+    b, got = bench.sent()
+    assert got == head  # byte for byte: case, spacing and order kept
+    assert bench.answer(b, OK) == OK
+    bench.send(b"HEAD /b HTTP/1.1\r\nHost: svc\r\n\r\n")
+    b, got = bench.sent()
+    assert got == b"HEAD /b HTTP/1.1\r\nHost: svc\r\n\r\n"
+    assert bench.answer(b, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+    assert not bench.wire.closed and not bench.client.queue
+
+
+@pytest.mark.parametrize("cut", [1, 10, 17, 30, 36])
+async def test_a_head_split_over_two_reads_is_sent_once_whole(bench: Bench, cut: int) -> None:
+    head = b"GET /split HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\n\r\n"
+    bench.send(head[:cut])
+    assert all(not w.out for w in bench.wires.values())  # nothing until the head is complete
+    bench.send(head[cut:])
+    b, got = bench.sent()
+    assert got == head
+    assert bench.answer(b, OK) == OK
+    bench.send(b"GET /next HTTP/1.1\r\nHost: svc\r\n\r\n")  # and the next one, whole again
+    b, got = bench.sent()
+    assert got == b"GET /next HTTP/1.1\r\nHost: svc\r\n\r\n"
+    assert bench.answer(b, OK) == OK
+
+
+async def test_pipelined_heads_in_one_read_and_across_reads(bench: Bench) -> None:
+    one, two, three = (b"GET /%d HTTP/1.1\r\nHost: svc\r\n\r\n" % i for i in (1, 2, 3))
+    bench.send(one + two + three[:9], three[9:])
+    answers = []
+    for want in (one, two, three):
+        b, got = bench.sent()
+        assert got == want
+        answers.append(bench.answer(b, OK))
+    assert answers == [OK] * 3
+    assert not bench.client.queue
+
+
+async def test_bodies_between_whole_heads_keep_their_framing(bench: Bench) -> None:
+    bench.send(b"GET /1 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    b, _ = bench.sent()
+    bench.answer(b, OK)
+    bench.send(b"POST /2 HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nab", b"cde")
+    b, got = bench.sent()
+    assert got == b"POST /2 HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nabcde"
+    bench.answer(b, OK)
+    bench.send(b"PUT /3 HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n", b"3\r\nxyz\r\n0\r\n\r\n")
+    b, got = bench.sent()
+    assert got == b"PUT /3 HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n"
+    bench.answer(b, OK)
+    bench.send(b"GET /4 HTTP/1.1\r\nHost: svc\r\n\r\n")  # whole and plain again: as received
+    b, got = bench.sent()
+    assert got == b"GET /4 HTTP/1.1\r\nHost: svc\r\n\r\n"
+    assert bench.answer(b, OK) == OK
+
+
+async def test_expect_100_continue_with_a_whole_head(bench: Bench) -> None:
+    bench.send(b"POST /up HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    b, got = bench.sent()
+    assert got.endswith(b"Content-Length: 3\r\n\r\n")
+    assert bench.answer(b, b"HTTP/1.1 100 Continue\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    bench.send(b"abc")
+    assert bench.sent() == (b, b"abc")
+    assert bench.answer(b, OK) == OK
+
+
+async def test_hop_by_hop_and_http10_heads_are_rebuilt(bench: Bench) -> None:
+    bench.send(b"GET /h HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\nKeep-Alive: 5\r\nX-Keep: 1\r\n\r\n")
+    b, got = bench.sent()
+    assert got == b"GET /h HTTP/1.1\r\nHost: svc\r\nX-Keep: 1\r\n\r\n"
+    bench.answer(b, OK)
+    bench.send(b"GET /t HTTP/1.1\r\nHost: svc\r\nTest: 1\r\n\r\n")  # like TE, but an ordinary header
+    b, got = bench.sent()
+    assert got == b"GET /t HTTP/1.1\r\nHost: svc\r\nTest: 1\r\n\r\n"
+    bench.answer(b, OK)
+    bench.send(b"GET /old HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n")
+    b, got = bench.sent()
+    assert got == b"GET /old HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n"
+    assert bench.answer(b, OK) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    bench.send(b"GET /bye HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    b, got = bench.sent()
+    assert got == b"GET /bye HTTP/1.1\r\nHost: svc\r\n\r\n"  # the client's close is not the endpoint's
+    assert bench.answer(b, OK) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    assert bench.wire.closed
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"GET / HTTP/1.1\r\nHost : svc\r\n\r\n", 400),  # a space before the colon
+    (b"GET / HTTP/1.1\r\nHost: svc\r\n folded\r\n\r\n", 400),
+    (b"CONNECT svc:443 HTTP/1.1\r\nHost: svc\r\n\r\n", 501),
+    (b"GET / HTTP/2.0\r\nHost: svc\r\n\r\n", 505),
+])
+async def test_whole_heads_the_fast_path_refuses_get_the_parsers_answer(bench: Bench, head: bytes,
+                                                                        status: int) -> None:
+    bench.send(head)
+    assert all(not w.out for w in bench.wires.values())
+    assert bench.wire.take().startswith(b"HTTP/1.1 %d " % status)
+    assert bench.wire.closed
+
+
+async def test_a_response_split_over_reads_and_one_that_closes(bench: Bench) -> None:
+    bench.send(b"GET /1 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    b, _ = bench.sent()
+    assert bench.answer(b, b"HTTP/1.1 200 OK\r\nContent-", b"Length: 4\r\n\r\nab", b"cd") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+    assert b in bench.listener.pools["b0"]  # back in the pool, its response complete
+    bench.send(b"GET /2 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    b, _ = bench.sent()
+    assert bench.answer(b, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok") == OK
+    assert bench.wires[b].closed and b not in bench.listener.pools["b0"]  # the endpoint closes it
+    assert not bench.wire.closed  # the client's connection is its own
+
+
+@pytest.mark.parametrize(("spent", "requests"), [(0, 0), (0, 3), (15, 7), (20, 99), (20, 1000), (5, 250)])
+async def test_requests_credited_late_leave_the_retry_budget_as_credited_at_once(setup, spent: int,
+                                                                                 requests: int) -> None:
+    from shoal.balancing import RetryBudget
+
+    listener = Bench(setup[0]).listener
+    now = RetryBudget()
+    for budget in (listener.route.budget, now):
+        for _ in range(spent):
+            assert budget.try_retry()
+    for _ in range(requests):
+        now.request()
+    listener.unearned = requests
+    listener.earn()
+
+    def retries(budget: RetryBudget) -> int:
+        n = 0
+        while budget.try_retry():
+            n += 1
+        return n
+
+    assert retries(listener.route.budget) == retries(now)
