@@ -31,40 +31,17 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from procs import cpu_seconds, free_port, process_tree, stop_process  # noqa: E402 - bench/ is sys.path[0]
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 CLIENT_RSS_MIB, CLIENT_CPU_PERCENT, SERVER_RSS_MIB = 60, 1.0, 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [c for c, ppid in parents.items() if ppid in frontier]
-        tree += frontier
-    return tree
 
 
 def rss_bytes(pids: list[int]) -> tuple[int, int]:
@@ -80,17 +57,6 @@ def rss_bytes(pids: list[int]) -> tuple[int, int]:
         except OSError:
             continue
     return total, files
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
-    return ticks / CLK_TCK
 
 
 @dataclass
@@ -127,14 +93,7 @@ class Agent:
             raise SystemExit(f"the {self.role} agent exited with status {self.proc.returncode}:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 def ready_nodes(server: Agent) -> set[str]:

@@ -73,10 +73,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from procs import cpu_seconds, free_port, process_tree, stop_process  # noqa: E402 - bench/ is sys.path[0]
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STREAM_MODULE = pathlib.Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 PACKAGES = ("haproxy", "nginx", "libnginx-mod-stream", "wrk")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODES = ("keep-alive", "close")
 
 # Printed by wrk's `done` hook: exact percentiles in microseconds, and the error kinds.
@@ -90,12 +91,6 @@ done = function(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the shoal proxy process -------------------------------------------------------------
@@ -249,35 +244,6 @@ def run_child(argv: Sequence[str]) -> None:
 
 
 # --- processes, their CPU time, and configuration files ----------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every descendant (nginx's workers), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [c for c, ppid in parents.items() if ppid in frontier]
-        tree += frontier
-    return tree
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of the processes (every thread included), in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-    return ticks / CLK_TCK
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> None:
@@ -462,14 +428,7 @@ class Proxy:
         self.pids = process_tree(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 5)
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,13 @@ import pathlib
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from procs import free_port  # noqa: E402 - bench/ is sys.path[0]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -103,12 +104,6 @@ def parse_put_request(data: bytes) -> tuple[bytes, bytes]:
         fields[tag >> 3] = data[i : i + n]
         i += n
     return fields.get(1, b""), fields.get(2, b"")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def use_uvloop() -> None:
